@@ -1,0 +1,25 @@
+"""keras-smartfrz: freeze converged layers during Keras training."""
+
+from keras_smartfrz import policies
+from keras_smartfrz.auto_freeze import AutoFreeze
+from keras_smartfrz.freezing import freeze_layers
+from keras_smartfrz.freezing import rebuild_train_step
+from keras_smartfrz.freezing_callback import FreezeDecision
+from keras_smartfrz.freezing_callback import FreezingCallback
+from keras_smartfrz.linear_freezing import LinearFreezing
+from keras_smartfrz.units import FreezeUnit
+from keras_smartfrz.units import find_units
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AutoFreeze",
+    "FreezeDecision",
+    "FreezeUnit",
+    "FreezingCallback",
+    "LinearFreezing",
+    "find_units",
+    "freeze_layers",
+    "policies",
+    "rebuild_train_step",
+]

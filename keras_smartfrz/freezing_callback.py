@@ -1,0 +1,318 @@
+"""The callback every freezing rule shares: sample -> history -> policy -> apply."""
+
+import dataclasses
+import warnings
+
+import keras
+import numpy as np
+
+from keras_smartfrz import freezing
+from keras_smartfrz import policies
+from keras_smartfrz.history import SnapshotCadence
+from keras_smartfrz.history import SnapshotHistory
+from keras_smartfrz.sampling import WeightSampler
+from keras_smartfrz.sampling import draw_sample_positions
+from keras_smartfrz.units import find_units
+
+MODES = ("prefix", "any")
+
+
+@dataclasses.dataclass(frozen=True)
+class FreezeDecision:
+    """One unit's verdict at one freezing stage.
+
+    Attributes:
+        epoch: 0-based epoch at whose end the stage ran.
+        layer: the unit's name (path of its weighted layer).
+        score: the policy's score in `[0, 1]`, higher = readier to freeze.
+        frozen: whether the unit was frozen at this stage.
+    """
+
+    epoch: int
+    layer: str
+    score: float
+    frozen: bool
+
+
+def _check_positive_int(name, value, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(
+            f"`{name}` must be an integer >= {minimum}; received "
+            f"{name}={value!r}."
+        )
+    if value < minimum:
+        raise ValueError(
+            f"`{name}` must be an integer >= {minimum}; received "
+            f"{name}={value!r}."
+        )
+
+
+@keras.saving.register_keras_serializable(package="keras_smartfrz")
+class FreezingCallback(keras.callbacks.Callback):
+    """Freezes layers during `fit` as a decision rule (a policy) proposes.
+
+    The shared engine of `SmartFRZ`, `LinearFreezing` and `AutoFreeze`. At the
+    start of `fit` it lists the model's freezable units (a layer owning
+    trainable weights, with the `BatchNormalization` that follows it) in
+    forward order. While training it samples each still-trainable unit's
+    weights (`sample_size` fixed positions per unit drawn from `seed`, read by
+    one compiled gather) `window_size` times per freezing stage. Every
+    `freeze_every` epochs, from epoch `min_epochs` on, it gives the policy the
+    history window, freezes what the policy proposes (in `mode`), and rebuilds
+    the train step once so frozen layers cost no gradient work from the next
+    step on. The last unit (the head) never freezes, nor does a unit whose
+    weights hold NaN or inf.
+
+    After `fit`, `frozen_layers` lists the frozen layer paths in freeze order
+    and `decisions` every verdict. Each epoch's logs get `frozen_fraction`, the
+    share of units frozen so far. Layers stay frozen after `fit`.
+
+    Args:
+        policy: a `keras_smartfrz.policies.FreezePolicy`.
+        mode: `"prefix"` (default): a unit freezes only when every unit before
+            it is frozen, so back-propagation stops at the frozen boundary and
+            the frozen part costs a forward pass only. `"any"`: any unit may
+            freeze; this saves only its own weight-gradient and update work.
+        min_epochs: no freezing before this many epochs are done (default 1).
+        freeze_every: epochs between freezing stages (default 1).
+        window_size: snapshots kept per unit, aimed at one stage's worth
+            (default 30).
+        sample_size: sampled weights per unit (default 1024).
+        seed: seed of the sampled positions (default 0).
+        frozen_batchnorm: `"inference"` (default) or `"batch_statistics"`;
+            see `keras_smartfrz.freeze_layers`.
+        verbose: 0 (default) is silent, 1 prints each freeze.
+
+    Example:
+
+    ```python
+    callback = keras_smartfrz.FreezingCallback(
+        keras_smartfrz.policies.LinearPolicy(freeze_start=0.0))
+    model.fit(x, y, epochs=4, callbacks=[callback])
+    print(callback.frozen_layers)
+    ```
+    """
+
+    def __init__(
+        self,
+        policy,
+        mode="prefix",
+        min_epochs=1,
+        freeze_every=1,
+        window_size=30,
+        sample_size=1024,
+        seed=0,
+        frozen_batchnorm="inference",
+        verbose=0,
+    ):
+        super().__init__()
+        freezing.require_tensorflow_backend()
+        if not isinstance(policy, policies.FreezePolicy):
+            raise ValueError(
+                "`policy` must be a keras_smartfrz.policies.FreezePolicy; "
+                f"received policy={policy!r}."
+            )
+        if mode not in MODES:
+            raise ValueError(
+                f"`mode` must be one of {MODES}; received mode={mode!r}."
+            )
+        _check_positive_int("min_epochs", min_epochs, minimum=0)
+        _check_positive_int("freeze_every", freeze_every)
+        _check_positive_int("window_size", window_size, minimum=2)
+        _check_positive_int("sample_size", sample_size)
+        _check_positive_int("seed", seed, minimum=0)
+        if frozen_batchnorm not in freezing.FROZEN_BATCHNORM_MODES:
+            raise ValueError(
+                "`frozen_batchnorm` must be one of "
+                f"{freezing.FROZEN_BATCHNORM_MODES}; received "
+                f"frozen_batchnorm={frozen_batchnorm!r}."
+            )
+        if verbose not in (0, 1, True, False):
+            raise ValueError(
+                f"`verbose` must be 0 or 1; received verbose={verbose!r}."
+            )
+        self.policy = policy
+        self.mode = mode
+        self.min_epochs = min_epochs
+        self.freeze_every = freeze_every
+        self.window_size = window_size
+        self.sample_size = sample_size
+        self.seed = seed
+        self.frozen_batchnorm = frozen_batchnorm
+        self.verbose = int(verbose)
+        self._reset_state()
+
+    def _reset_state(self):
+        self.units = []
+        self.frozen_layers = []
+        self.frozen_units = []
+        self.decisions = []
+        self._active = []
+        self._positions = {}
+        self._sampler = None
+        self._history = None
+        self._cadence = None
+        self._step = 0
+        self._epoch_start_step = 0
+        self._warned_nonfinite = set()
+
+    # ------------------------------------------------------------------ fit
+    def on_train_begin(self, logs=None):
+        self._reset_state()
+        self.policy.reset()
+        self.units = find_units(self.model)
+        if len(self.units) < 2:
+            warnings.warn(
+                f"{type(self).__name__}: model '{self.model.name}' has "
+                f"{len(self.units)} trainable unit(s); the last unit (the "
+                "head) never freezes, so nothing will be frozen.",
+                stacklevel=2,
+            )
+        self._active = list(self.units)
+        if self.policy.needs_history and len(self.units) >= 2:
+            for index, unit in enumerate(self.units):
+                self._positions[unit.name] = draw_sample_positions(
+                    unit.num_params, self.sample_size, self.seed, index
+                )
+            self._start_sampling()
+            steps = self.params.get("steps") if self.params else None
+            self._cadence = SnapshotCadence(
+                self.window_size,
+                steps * self.freeze_every if steps else None,
+            )
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start_step = self._step
+
+    def on_train_batch_end(self, batch, logs=None):
+        # `batch` is the index of the last step run (several with
+        # steps_per_execution > 1); this is the only per-step Python work.
+        self._step = self._epoch_start_step + batch + 1
+        if self._cadence is not None and self._cadence.due(self._step):
+            self._history.append(self._sampler())
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._cadence is not None and self._cadence.steps_per_stage is None:
+            steps_in_epoch = self._step - self._epoch_start_step
+            self._cadence.set_steps_per_stage(
+                steps_in_epoch * self.freeze_every, self._step
+            )
+        if self._is_stage(epoch):
+            self._run_stage(epoch)
+        if logs is not None:
+            logs["frozen_fraction"] = self.frozen_fraction
+
+    # ------------------------------------------------------------ decisions
+    @property
+    def frozen_fraction(self):
+        """Share of the model's units frozen so far."""
+        return len(self.frozen_units) / len(self.units) if self.units else 0.0
+
+    def _is_stage(self, epoch):
+        done = epoch + 1
+        return done >= self.min_epochs and done % self.freeze_every == 0
+
+    def _run_stage(self, epoch):
+        # The head is the last unit and never freezes, so it is always the
+        # last active unit; the history rows follow `self._active`.
+        candidates = self._active[:-1]
+        if not candidates:
+            return
+        window = None
+        if self.policy.needs_history:
+            if len(self._history) < 2:
+                return
+            window = self._history.window()[:-1]
+        stage = policies.FreezeStage(
+            epoch=epoch,
+            epochs=int(self.params.get("epochs") or epoch + 1),
+            unit_names=[u.name for u in candidates],
+            num_units=len(self.units),
+            num_frozen=len(self.frozen_units),
+            window=window,
+        )
+        scores, propose = self.policy.decide(stage)
+        propose = np.asarray(propose, dtype=bool) & self._finite(candidates)
+        chosen = set(policies.select_units(propose, self.mode).tolist())
+        for index, unit in enumerate(candidates):
+            self.decisions.append(
+                FreezeDecision(
+                    epoch=epoch,
+                    layer=unit.name,
+                    score=float(scores[index]),
+                    frozen=index in chosen,
+                )
+            )
+        if chosen:
+            self._freeze([candidates[i] for i in sorted(chosen)], epoch)
+
+    def _finite(self, units):
+        """Which units hold only finite weights; warns once per bad unit."""
+        finite = np.array(
+            [
+                all(
+                    bool(keras.ops.all(keras.ops.isfinite(v)))
+                    for v in unit.trainable_weights
+                )
+                for unit in units
+            ],
+            dtype=bool,
+        )
+        for unit, ok in zip(units, finite):
+            if not ok and unit.name not in self._warned_nonfinite:
+                self._warned_nonfinite.add(unit.name)
+                warnings.warn(
+                    f"{type(self).__name__}: unit '{unit.name}' has NaN or "
+                    "inf weights; it is not frozen.",
+                    stacklevel=2,
+                )
+        return finite
+
+    def _freeze(self, units, epoch):
+        layers = [layer for unit in units for layer in unit.layers]
+        freezing.freeze_layers(
+            self.model, layers, frozen_batchnorm=self.frozen_batchnorm
+        )
+        self.frozen_units.extend(u.name for u in units)
+        self.frozen_layers.extend(p for u in units for p in u.layer_paths)
+        keep = [u not in units for u in self._active]
+        self._active = [u for u, k in zip(self._active, keep) if k]
+        if self._history is not None:
+            self._history.keep_units(keep)
+            self._start_sampling(keep_history=True)
+        if self.verbose:
+            print(
+                f"\nEpoch {epoch + 1}: {type(self).__name__} froze "
+                f"{', '.join(u.name for u in units)} "
+                f"({len(self.frozen_units)}/{len(self.units)} units frozen)."
+            )
+
+    def _start_sampling(self, keep_history=False):
+        self._sampler = WeightSampler(
+            self._active, [self._positions[u.name] for u in self._active]
+        )
+        if not keep_history:
+            self._history = SnapshotHistory(
+                len(self._active), self.window_size, self.sample_size
+            )
+
+    def get_config(self):
+        return {
+            "policy": keras.saving.serialize_keras_object(self.policy),
+            "mode": self.mode,
+            "min_epochs": self.min_epochs,
+            "freeze_every": self.freeze_every,
+            "window_size": self.window_size,
+            "sample_size": self.sample_size,
+            "seed": self.seed,
+            "frozen_batchnorm": self.frozen_batchnorm,
+            "verbose": self.verbose,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["policy"] = keras.saving.deserialize_keras_object(
+            config["policy"]
+        )
+        return cls(**config)

@@ -1,0 +1,94 @@
+"""Layer tailoring: a fixed-size sample of each unit's weights, read in one gather.
+
+Each unit is represented by `sample_size` of its trainable scalars. The positions
+are drawn once per unit from the callback's seed and kept for the whole run, so
+that successive snapshots follow the same weights (a real trajectory).
+"""
+
+import numpy as np
+import tensorflow as tf
+
+
+def draw_sample_positions(num_params, sample_size, seed, unit_index):
+    """Draws the fixed flat positions sampled from one unit.
+
+    Args:
+        num_params: number of trainable scalars in the unit (its variables
+            flattened and concatenated in order).
+        sample_size: how many positions to draw.
+        seed: the run's seed.
+        unit_index: the unit's index in forward order; with `seed` it fixes the
+            positions, so the same model and seed always sample the same weights.
+
+    Returns:
+        A sorted int64 array of `sample_size` positions in `[0, num_params)`
+        (sorted, so each variable is read by one gather in memory order). A
+        unit with at least `sample_size` scalars gets distinct positions; a
+        smaller unit gets each of its scalars once plus random repeats to fill
+        the sample.
+    """
+    if num_params <= 0:
+        raise ValueError(f"A unit needs trainable weights, got {num_params}.")
+    rng = np.random.default_rng([int(seed), int(unit_index)])
+    if num_params >= sample_size:
+        positions = rng.choice(num_params, size=sample_size, replace=False)
+    else:
+        extra = rng.integers(0, num_params, size=sample_size - num_params)
+        positions = np.concatenate([np.arange(num_params), extra])
+    return np.sort(positions).astype(np.int64)
+
+
+def split_positions(positions, variable_sizes):
+    """Maps flat unit positions to `(variable index, local positions)` pairs.
+
+    `positions` must be sorted: each variable then forms one run, and
+    concatenating the per-variable gathers restores the order of `positions`.
+    """
+    bounds = np.cumsum([0] + list(variable_sizes))
+    owner = np.searchsorted(bounds, positions, side="right") - 1
+    return [
+        (int(i), positions[owner == i] - bounds[i]) for i in np.unique(owner)
+    ]
+
+
+class WeightSampler:
+    """Reads the sampled weights of several units with one compiled gather.
+
+    Args:
+        units: the `FreezeUnit`s to sample, in order.
+        positions: one array of flat positions per unit (see
+            `draw_sample_positions`).
+
+    Calling the sampler returns a float32 array of shape
+    `(len(units), sample_size)`.
+    """
+
+    def __init__(self, units, positions):
+        if len(units) != len(positions):
+            raise ValueError("One position array is needed per unit.")
+        self.units = list(units)
+        self.sample_size = len(positions[0]) if positions else 0
+        variables = []
+        pieces = []
+        for unit, unit_positions in zip(self.units, positions):
+            unit_vars = unit.trainable_weights
+            sizes = [int(np.prod(v.shape)) for v in unit_vars]
+            for var_index, local in split_positions(unit_positions, sizes):
+                variables.append(unit_vars[var_index])
+                pieces.append(tf.constant(local, dtype=tf.int64))
+        self._variables = variables
+        self._indices = pieces
+        self._gather = tf.function(self._gather_all, jit_compile=True)
+
+    def _gather_all(self):
+        values = [
+            tf.gather(tf.reshape(tf.cast(v.value, tf.float32), [-1]), idx)
+            for v, idx in zip(self._variables, self._indices)
+        ]
+        return tf.concat(values, axis=0)
+
+    def __call__(self):
+        if not self.units:
+            return np.zeros((0, self.sample_size), np.float32)
+        flat = self._gather().numpy()
+        return flat.reshape(len(self.units), self.sample_size)
