@@ -1,5 +1,6 @@
 """keras-smartfrz: freeze converged layers during Keras training."""
 
+from keras_smartfrz import datasets
 from keras_smartfrz import policies
 from keras_smartfrz.auto_freeze import AutoFreeze
 from keras_smartfrz.freezing import freeze_layers
@@ -18,6 +19,7 @@ __all__ = [
     "FreezeUnit",
     "FreezingCallback",
     "LinearFreezing",
+    "datasets",
     "find_units",
     "freeze_layers",
     "policies",

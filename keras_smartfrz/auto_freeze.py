@@ -30,7 +30,7 @@ class AutoFreeze(FreezingCallback):
         window_size: snapshots per stage (default 30).
         sample_size: sampled weights per unit (default 1024).
         seed: seed of the sampled positions (default 0).
-        frozen_batchnorm: `"inference"` (default) or `"batch_statistics"`.
+        frozen_batchnorm: `"batch_statistics"` (default) or `"inference"`.
         verbose: 0 (default) or 1.
 
     Example:
@@ -59,7 +59,7 @@ class AutoFreeze(FreezingCallback):
         window_size=30,
         sample_size=1024,
         seed=0,
-        frozen_batchnorm="inference",
+        frozen_batchnorm="batch_statistics",
         verbose=0,
     ):
         super().__init__(

@@ -79,7 +79,7 @@ class FreezingCallback(keras.callbacks.Callback):
             (default 30).
         sample_size: sampled weights per unit (default 1024).
         seed: seed of the sampled positions (default 0).
-        frozen_batchnorm: `"inference"` (default) or `"batch_statistics"`;
+        frozen_batchnorm: `"batch_statistics"` (default) or `"inference"`;
             see `keras_smartfrz.freeze_layers`.
         verbose: 0 (default) is silent, 1 prints each freeze.
 
@@ -102,7 +102,7 @@ class FreezingCallback(keras.callbacks.Callback):
         window_size=30,
         sample_size=1024,
         seed=0,
-        frozen_batchnorm="inference",
+        frozen_batchnorm="batch_statistics",
         verbose=0,
     ):
         super().__init__()

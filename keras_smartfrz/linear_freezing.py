@@ -23,7 +23,7 @@ class LinearFreezing(FreezingCallback):
         mode: `"prefix"` (default) or `"any"`; see `FreezingCallback`.
         min_epochs: no freezing before this many epochs (default 1).
         freeze_every: epochs between freezing stages (default 1).
-        frozen_batchnorm: `"inference"` (default) or `"batch_statistics"`.
+        frozen_batchnorm: `"batch_statistics"` (default) or `"inference"`.
         verbose: 0 (default) or 1.
 
     Example:
@@ -50,7 +50,7 @@ class LinearFreezing(FreezingCallback):
         mode="prefix",
         min_epochs=1,
         freeze_every=1,
-        frozen_batchnorm="inference",
+        frozen_batchnorm="batch_statistics",
         verbose=0,
     ):
         super().__init__(

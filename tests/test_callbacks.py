@@ -61,8 +61,12 @@ def test_frozen_units_stay_bit_identical_while_others_train(jit_compile):
     weights = recorder.epochs
     for name, since in (("d0", 0), ("bn0", 0), ("d1", 1), ("bn1", 1)):
         for later in weights[since + 1:]:
-            for a, b in zip(weights[since][name], later[name]):
+            # kernel, bias / gamma, beta; BN's moving statistics are not
+            # trained weights and, with frozen_batchnorm="batch_statistics",
+            # keep tracking the batches.
+            for a, b in list(zip(weights[since][name], later[name]))[:2]:
                 np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(weights[0]["bn0"][2], weights[3]["bn0"][2])
     for name in ("d2", "head"):
         assert not np.array_equal(weights[1][name][0], weights[3][name][0])
     assert history.history["frozen_fraction"] == [0.25, 0.5, 0.5, 0.5]

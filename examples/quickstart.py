@@ -1,0 +1,286 @@
+"""Quickstart: freeze converged layers while training a CNN on Fashion-MNIST.
+
+Trains the same Conv-BN-ReLU network twice, from the same initial weights and
+in the same data order: once with a freezing callback (layers freeze during
+`fit`, and from then on cost no gradient work), once with plain full
+training. Then prints what froze at which epoch, the test accuracy of both
+runs, and their wall-clock training times as measured in this run.
+
+    python examples/quickstart.py            # defaults: 6 epochs, 20000 images
+    python examples/quickstart.py --jit      # with XLA (jit_compile=True)
+
+Fashion-MNIST is read offline from the Debian package `dataset-fashion-mnist`
+(see `keras_smartfrz.datasets.load_fashion_mnist`).
+"""
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import keras_smartfrz  # noqa: E402
+from keras_smartfrz import datasets  # noqa: E402
+
+CLASS_NAMES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+
+
+def make_freezer():
+    """The freezing callback of the quickstart.
+
+    SmartFRZ's attention-based predictor is not released yet; until then the
+    AutoFreeze baseline stands in. When it lands, switching is this one line:
+    `return keras_smartfrz.SmartFRZ()`.
+    """
+    return keras_smartfrz.AutoFreeze()
+
+
+def build_model():
+    """A small CNN: four Conv-BN-ReLU blocks and a dense head (5 units).
+
+    BatchNormalization uses momentum 0.9, not Keras's 0.99: a frozen BN
+    normalises with its moving statistics, which must have converged by then,
+    and 0.99 needs several hundred steps (more than this short run has before
+    the first freeze) to get there.
+    """
+    inputs = keras.Input((28, 28, 1), name="image")
+    x = keras.layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
+    x = keras.layers.Conv2D(
+        16, 3, padding="same", use_bias=False, name="conv1"
+    )(x)
+    x = keras.layers.BatchNormalization(momentum=0.9, name="bn1")(x)
+    x = keras.layers.ReLU(name="relu1")(x)
+    x = keras.layers.Conv2D(
+        32, 3, padding="same", use_bias=False, name="conv2"
+    )(x)
+    x = keras.layers.BatchNormalization(momentum=0.9, name="bn2")(x)
+    x = keras.layers.ReLU(name="relu2")(x)
+    x = keras.layers.MaxPooling2D(2, name="pool2")(x)
+    x = keras.layers.Conv2D(
+        32, 3, padding="same", use_bias=False, name="conv3"
+    )(x)
+    x = keras.layers.BatchNormalization(momentum=0.9, name="bn3")(x)
+    x = keras.layers.ReLU(name="relu3")(x)
+    x = keras.layers.MaxPooling2D(2, name="pool3")(x)
+    x = keras.layers.Conv2D(
+        64, 3, padding="same", use_bias=False, name="conv4"
+    )(x)
+    x = keras.layers.BatchNormalization(momentum=0.9, name="bn4")(x)
+    x = keras.layers.ReLU(name="relu4")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool4")(x)
+    outputs = keras.layers.Dense(10, name="head")(x)
+    return keras.Model(inputs, outputs, name="fashion_cnn")
+
+
+def compile_model(model, jit):
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+        jit_compile=bool(jit),
+    )
+
+
+def make_dataset(x, y, batch_size, seed):
+    """Batches reshuffled every epoch; the same `seed` gives the same order."""
+    return (
+        tf.data.Dataset.from_tensor_slices((x, y))
+        .shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+        .batch(batch_size, drop_remainder=True)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+
+
+class Progress(keras.callbacks.Callback):
+    """Prints one line per epoch: loss, accuracy, frozen share, epoch time."""
+
+    def __init__(self, label):
+        super().__init__()
+        self.label = label
+        self.epoch_times = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        seconds = time.perf_counter() - self._start
+        self.epoch_times.append(seconds)
+        logs = logs or {}
+        frozen = logs.get("frozen_fraction")
+        frozen = f"  frozen {frozen:.0%}" if frozen is not None else ""
+        print(
+            f"  [{self.label}] epoch {epoch + 1}/{self.params['epochs']}: "
+            f"loss {logs.get('loss', float('nan')):.4f}  "
+            f"accuracy {logs.get('accuracy', float('nan')):.4f}"
+            f"{frozen}  ({seconds:.1f} s)",
+            flush=True,
+        )
+
+
+def warm_up(x, y, batch_size, jit):
+    """One throwaway step, so one-time TensorFlow start-up cost (thread pools,
+    kernel selection) is charged to neither timed run."""
+    model = build_model()
+    compile_model(model, jit)
+    model.train_on_batch(x[:batch_size], y[:batch_size])
+
+
+def train(model, dataset, epochs, callbacks, label):
+    progress = Progress(label)
+    start = time.perf_counter()
+    # shuffle=False: the dataset reshuffles itself, the same way each run.
+    model.fit(dataset, epochs=epochs, callbacks=callbacks + [progress],
+              verbose=0, shuffle=False)
+    return time.perf_counter() - start, progress.epoch_times
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Train a small CNN on Fashion-MNIST with and without "
+        "layer freezing, from the same start, and compare."
+    )
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--train-size", type=int, default=20000,
+                        help="training images used, of 60000 (default 20000)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--test-size", type=int, default=10000,
+                        help="test images evaluated, of 10000 (default 10000)")
+    parser.add_argument("--jit", action="store_true",
+                        help="compile the train step with XLA")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-dir", default=None,
+                        help="directory with the 4 Fashion-MNIST IDX .gz files "
+                        "(default: search the usual places)")
+    args = parser.parse_args(argv)
+    if args.epochs < 1:
+        parser.error("--epochs must be at least 1")
+    if not 1 <= args.train_size <= 60000:
+        parser.error("--train-size must be in [1, 60000]")
+    if not 1 <= args.test_size <= 10000:
+        parser.error("--test-size must be in [1, 10000]")
+    if not 1 <= args.batch_size <= args.train_size:
+        parser.error("--batch-size must be in [1, --train-size]")
+    return args
+
+
+def main(argv=None):
+    """Runs the comparison and returns its results as a dict.
+
+    Args:
+        argv: command-line arguments (default: `sys.argv[1:]`).
+
+    Returns:
+        A dict with `frozen` (list of `(epoch, layer)`, epochs 1-based),
+        `frozen_layers`, `frozen_fraction`, `freeze_accuracy`,
+        `full_accuracy`, `freeze_seconds`, `full_seconds`, `seconds_saved`,
+        `speedup` and the arguments used.
+    """
+    args = parse_args(argv)
+    print(f"keras {keras.__version__}, tensorflow {tf.__version__}, "
+          f"backend {keras.backend.backend()}, jit_compile={args.jit}",
+          flush=True)
+
+    (x_train, y_train), (x_test, y_test) = datasets.load_fashion_mnist(
+        args.data_dir
+    )
+    x_train = x_train[: args.train_size, ..., None]
+    y_train = y_train[: args.train_size]
+    x_test = x_test[: args.test_size, ..., None]
+    y_test = y_test[: args.test_size]
+    print(f"Fashion-MNIST: {len(x_train)} training images, {len(x_test)} "
+          f"test images; {args.epochs} epochs of batch {args.batch_size}.",
+          flush=True)
+
+    # Same initial weights for both runs; same data order via the same seed.
+    keras.utils.set_random_seed(args.seed)
+    freeze_model = build_model()
+    full_model = build_model()
+    full_model.set_weights(freeze_model.get_weights())
+    compile_model(freeze_model, args.jit)
+    compile_model(full_model, args.jit)
+    warm_up(x_train, y_train, args.batch_size, args.jit)
+
+    freezer = make_freezer()
+    name = type(freezer).__name__
+    # Full training runs first, so any cost of running second in this
+    # process falls on the freezing run rather than in its favour.
+    print("\n1/2: full training (nothing frozen)", flush=True)
+    full_seconds, full_epochs = train(
+        full_model,
+        make_dataset(x_train, y_train, args.batch_size, args.seed),
+        args.epochs, [], "full",
+    )
+    print(f"\n2/2: training with {name} (layers freeze during fit), same "
+          "initial weights and data order", flush=True)
+    freeze_seconds, freeze_epochs = train(
+        freeze_model,
+        make_dataset(x_train, y_train, args.batch_size, args.seed),
+        args.epochs, [freezer], name,
+    )
+
+    eval_batch = min(1000, len(x_test))
+    _, freeze_accuracy = freeze_model.evaluate(
+        x_test, y_test, batch_size=eval_batch, verbose=0)
+    _, full_accuracy = full_model.evaluate(
+        x_test, y_test, batch_size=eval_batch, verbose=0)
+
+    frozen = [(d.epoch + 1, d.layer) for d in freezer.decisions if d.frozen]
+    print(f"\nWhat {name} froze (units in forward order; the head never "
+          "freezes):")
+    if frozen:
+        for epoch, layer in frozen:
+            print(f"  end of epoch {epoch}: {layer}")
+    else:
+        print("  nothing")
+    print(f"  frozen units: {freezer.frozen_fraction:.0%} of "
+          f"{len(freezer.units)}; frozen layers: "
+          f"{', '.join(freezer.frozen_layers) or '-'}")
+
+    seconds_saved = full_seconds - freeze_seconds
+    speedup = full_seconds / freeze_seconds
+    print(f"\nTest accuracy ({len(x_test)} test images):")
+    print(f"  {name:>12}: {freeze_accuracy:.4f}")
+    print(f"  {'full':>12}: {full_accuracy:.4f}  "
+          f"(difference {freeze_accuracy - full_accuracy:+.4f})")
+    print("Wall-clock training time (fit, both runs in this process):")
+    print(f"  {name:>12}: {freeze_seconds:.1f} s  (epochs: "
+          f"{', '.join(f'{s:.1f}' for s in freeze_epochs)})")
+    print(f"  {'full':>12}: {full_seconds:.1f} s  (epochs: "
+          f"{', '.join(f'{s:.1f}' for s in full_epochs)})")
+    print(f"  time saved: {seconds_saved:.1f} s "
+          f"({seconds_saved / full_seconds:.1%} of full training), "
+          f"speed-up x{speedup:.2f}, measured in this run only: timings on a "
+          "shared machine are noisy.", flush=True)
+
+    return {
+        "freezer": name,
+        "epochs": args.epochs,
+        "train_size": len(x_train),
+        "test_size": len(x_test),
+        "batch_size": args.batch_size,
+        "jit": args.jit,
+        "frozen": frozen,
+        "frozen_layers": list(freezer.frozen_layers),
+        "frozen_fraction": freezer.frozen_fraction,
+        "freeze_accuracy": float(freeze_accuracy),
+        "full_accuracy": float(full_accuracy),
+        "freeze_seconds": freeze_seconds,
+        "full_seconds": full_seconds,
+        "freeze_epoch_seconds": freeze_epochs,
+        "full_epoch_seconds": full_epochs,
+        "seconds_saved": seconds_saved,
+        "speedup": speedup,
+    }
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
