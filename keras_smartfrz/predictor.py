@@ -1,0 +1,580 @@
+"""The SmartFRZ predictor: reads a unit's weight history, says if it can freeze.
+
+Li et al., "SmartFRZ: An Efficient Training Framework using Attention-Based
+Layer Freezing", ICLR 2023. The predictor is a small attention network trained
+once, offline (`tools/train_predictor.py`), and shipped inside the package.
+
+- `normalize_window`: raw sampled weights -> what the predictor reads.
+- `FreezePredictor`: the network (query/key/value attention over time).
+- `save_predictor` / `load_predictor`: the on-disk format (weights + card).
+- `PredictorPolicy`: the `FreezePolicy` that asks the predictor.
+
+On-disk format (`FORMAT_VERSION` 1): a predictor is two files side by side,
+
+- `<stem>.weights.h5`: the weights, as written by `Model.save_weights`;
+- `<stem>_card.json`: the model card, a JSON object with `format_version`,
+  `class_name` ("FreezePredictor"), `config` (the `FreezePredictor`
+  constructor arguments), `normalization` (the `NORMALIZATION` tag of the
+  `normalize_window` the weights were trained with), and free-form
+  `training` (what it was trained on) and `metrics` (held-out results).
+
+Loading builds `FreezePredictor(**card["config"])` and loads the weights into
+it. The shipped predictor is `keras_smartfrz/assets/predictor.weights.h5`
+with `keras_smartfrz/assets/predictor_card.json` (stem `predictor`).
+"""
+
+import json
+import os
+import pathlib
+
+import keras
+import numpy as np
+
+from keras_smartfrz import policies
+
+FORMAT_VERSION = 1
+NORMALIZATION = "displacement-from-oldest/step-rms/v1"
+ASSETS_DIR = pathlib.Path(__file__).resolve().parent / "assets"
+DEFAULT_STEM = "predictor"
+_WEIGHTS_SUFFIX = ".weights.h5"
+_CARD_SUFFIX = "_card.json"
+# Steps below this fraction of the weights' RMS (about 16 float32 ulps) are
+# rounding noise, not movement: they are not blown up to a full-size pattern.
+_RESOLUTION = 1e-6
+
+
+def normalize_window(window):
+    """Turns raw sampled weights into the predictor's input.
+
+    For each unit, with `w_t` the sampled weights at snapshot `t` (oldest
+    first, `t = 0 .. T-1`):
+
+        out_t = (w_t - w_0) / max(step_rms, 1e-6 * rms(w_{T-1}))
+        step_rms = sqrt(mean over t, s of (w_{t+1} - w_t)[s] ** 2)
+
+    i.e. each snapshot's displacement from the start of the window, measured
+    in units of the unit's typical step between two snapshots.
+
+    Why this form:
+
+    - Subtracting `w_0` removes where the weights are (their initialisation
+      and scale); only the movement remains. The reference is the *oldest*
+      snapshot, not the latest, so the latest row (the predictor's query) is
+      the net displacement over the window; with the latest as reference the
+      query input would always be zero.
+    - Dividing by the step size removes the speed of the movement, which is
+      set by the learning rate, the optimizer and the layer's fan-in, none of
+      which transfers from the reference models to a user's model. What
+      remains is the *shape* of the trajectory, and it carries the signal:
+      a layer still learning drifts in a consistent direction (the latest
+      row's RMS approaches `T - 1`), a converged one wanders around a point
+      (it stays near 1 for iid noise, about `sqrt(T)` for a random walk).
+    - The result is invariant to `w -> c * w + b` for any `c > 0` and any
+      per-weight offset `b`, and bounded: each row's RMS is at most `T - 1`.
+    - The floor `1e-6 * rms(latest weights)` only matters when the weights
+      have (nearly) stopped: then the output shrinks to zero instead of
+      amplifying rounding noise, and a window that never moves gives zeros
+      (finite, never NaN).
+
+    Args:
+        window: array `(units, T, S)` or `(T, S)` of raw sampled weights,
+            oldest snapshot first, `T >= 2`.
+
+    Returns:
+        A float32 array of the same shape. The first row of each unit is 0.
+        NaN or inf in a unit's window gives non-finite output for that unit.
+
+    Example:
+
+    ```python
+    drift = np.linspace(0.0, 1.0, 30)[:, None] * np.ones((30, 8))
+    normalize_window(drift)[-1]          # all 29.0: straight drift
+    normalize_window(5.0 + 0.01 * drift)  # the same: scale and offset free
+    ```
+    """
+    window = np.asarray(window)
+    if window.ndim not in (2, 3):
+        raise ValueError(
+            "`window` must have shape (units, T, S) or (T, S); received "
+            f"shape {window.shape}."
+        )
+    if window.shape[-2] < 2:
+        raise ValueError(
+            "`window` needs at least 2 snapshots (T >= 2) to measure "
+            f"movement; received shape {window.shape}."
+        )
+    weights = window.astype(np.float64)
+    displacement = weights - weights[..., :1, :]
+    steps = np.diff(weights, axis=-2)
+    step_rms = np.sqrt(np.mean(steps**2, axis=(-2, -1), keepdims=True))
+    weight_rms = np.sqrt(
+        np.mean(weights[..., -1:, :] ** 2, axis=-1, keepdims=True)
+    )
+    scale = np.maximum(step_rms, _RESOLUTION * weight_rms)
+    # scale == 0 only when nothing moved: then displacement is 0 as well.
+    safe_scale = np.where(scale > 0.0, scale, 1.0)
+    return (displacement / safe_scale).astype(np.float32)
+
+
+def _check_int(name, value, minimum):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, np.integer))
+        or value < minimum
+    ):
+        raise ValueError(
+            f"`{name}` must be an integer >= {minimum}; received "
+            f"{name}={value!r}."
+        )
+
+
+def _encoder(hidden_units, embedding_units, name):
+    return keras.Sequential(
+        [
+            keras.layers.Dense(hidden_units, activation="relu"),
+            keras.layers.Dense(hidden_units, activation="relu"),
+            keras.layers.Dense(embedding_units),
+        ],
+        name=name,
+    )
+
+
+@keras.saving.register_keras_serializable(package="keras_smartfrz")
+class FreezePredictor(keras.Model):
+    """SmartFRZ's attention-based freeze predictor.
+
+    Reads one unit's normalised weight history, a `(window_size,
+    sample_size)` window (see `normalize_window`), and returns the
+    probability that the unit has converged and can be frozen. Three MLP
+    encoders (`sample_size -> hidden_units -> hidden_units ->
+    embedding_units`, ReLU between, linear output) map the latest snapshot to
+    a query and every snapshot to a key and a value; scaled dot-product
+    attention over time (softmax of `q.k / sqrt(embedding_units)`) pools the
+    values into a context vector, and a classifier MLP (`embedding_units ->
+    classifier_units -> classifier_units -> 1`, ReLU, sigmoid) scores it.
+    With the defaults it has about 1.04M parameters.
+
+    Most users never build one: `load_predictor()` returns the trained one
+    shipped with the package, and `PredictorPolicy` uses it.
+
+    Args:
+        window_size: snapshots per window, `T` (default 30).
+        sample_size: sampled weights per snapshot, `S` (default 1024).
+        hidden_units: width of the encoders' hidden layers (default 256).
+        embedding_units: width of queries, keys, values and the context
+            (default 64).
+        classifier_units: width of the classifier's hidden layers
+            (default 32).
+
+    Input: a float32 array `(batch, window_size, sample_size)`, already
+    normalised. Output: `(batch, 1)` probabilities.
+
+    Example:
+
+    ```python
+    from keras_smartfrz.predictor import normalize_window
+
+    predictor = keras_smartfrz.FreezePredictor(window_size=30, sample_size=1024)
+    raw = np.random.rand(5, 30, 1024)  # 5 units' sampled weights
+    probabilities = predictor(normalize_window(raw))  # shape (5, 1)
+    ```
+    """
+
+    def __init__(
+        self,
+        window_size=30,
+        sample_size=1024,
+        hidden_units=256,
+        embedding_units=64,
+        classifier_units=32,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        _check_int("window_size", window_size, 2)
+        _check_int("sample_size", sample_size, 1)
+        _check_int("hidden_units", hidden_units, 1)
+        _check_int("embedding_units", embedding_units, 1)
+        _check_int("classifier_units", classifier_units, 1)
+        self.window_size = int(window_size)
+        self.sample_size = int(sample_size)
+        self.hidden_units = int(hidden_units)
+        self.embedding_units = int(embedding_units)
+        self.classifier_units = int(classifier_units)
+        self.query_encoder = _encoder(
+            hidden_units, embedding_units, "query_encoder"
+        )
+        self.key_encoder = _encoder(
+            hidden_units, embedding_units, "key_encoder"
+        )
+        self.value_encoder = _encoder(
+            hidden_units, embedding_units, "value_encoder"
+        )
+        self.classifier = keras.Sequential(
+            [
+                keras.layers.Dense(classifier_units, activation="relu"),
+                keras.layers.Dense(classifier_units, activation="relu"),
+                keras.layers.Dense(1, activation="sigmoid"),
+            ],
+            name="classifier",
+        )
+        self.build((None, self.window_size, self.sample_size))
+
+    def build(self, input_shape):
+        snapshot_shape = (None, input_shape[-1])
+        self.query_encoder.build(snapshot_shape)
+        self.key_encoder.build(snapshot_shape)
+        self.value_encoder.build(snapshot_shape)
+        self.classifier.build((None, self.embedding_units))
+        self.built = True
+
+    def _encode_snapshots(self, encoder, inputs):
+        # The encoders are per-snapshot MLPs: fold time into the batch.
+        shape = keras.ops.shape(inputs)
+        flat = keras.ops.reshape(inputs, (-1, self.sample_size))
+        return keras.ops.reshape(
+            encoder(flat), (shape[0], shape[1], self.embedding_units)
+        )
+
+    def attention_weights(self, inputs):
+        """How much each snapshot of the window counts, `(batch, T)`."""
+        query = self.query_encoder(inputs[:, -1, :])
+        keys = self._encode_snapshots(self.key_encoder, inputs)
+        scores = keras.ops.einsum("be,bte->bt", query, keys)
+        return keras.ops.softmax(
+            scores / np.sqrt(self.embedding_units).astype("float32"), axis=-1
+        )
+
+    def call(self, inputs):
+        weights = self.attention_weights(inputs)
+        values = self._encode_snapshots(self.value_encoder, inputs)
+        context = keras.ops.einsum("bt,bte->be", weights, values)
+        return self.classifier(context)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "window_size": self.window_size,
+                "sample_size": self.sample_size,
+                "hidden_units": self.hidden_units,
+                "embedding_units": self.embedding_units,
+                "classifier_units": self.classifier_units,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+# ------------------------------------------------------------- file format
+_CONFIG_KEYS = (
+    "window_size",
+    "sample_size",
+    "hidden_units",
+    "embedding_units",
+    "classifier_units",
+)
+
+
+def predictor_files(path=None):
+    """The `(weights file, card file)` pair a predictor path designates.
+
+    Args:
+        path: `None` for the predictor shipped with the package; a directory
+            (its `predictor.weights.h5` and `predictor_card.json`); or a
+            `<stem>.weights.h5` file (its card is `<stem>_card.json` next
+            to it).
+    """
+    if path is None:
+        path = ASSETS_DIR
+    path = pathlib.Path(os.fspath(path))
+    if path.name.endswith(_WEIGHTS_SUFFIX):
+        stem = path.name[: -len(_WEIGHTS_SUFFIX)]
+        directory = path.parent
+    elif path.suffix:
+        raise ValueError(
+            "A predictor path is a directory or a `<name>.weights.h5` file; "
+            f"received '{path}'."
+        )
+    else:
+        stem, directory = DEFAULT_STEM, path
+    return (
+        directory / f"{stem}{_WEIGHTS_SUFFIX}",
+        directory / f"{stem}{_CARD_SUFFIX}",
+    )
+
+
+def save_predictor(predictor, path, card=None):
+    """Writes `predictor` as a weights file and its model card.
+
+    Args:
+        predictor: a `FreezePredictor`.
+        path: a directory (created if needed) or a `<stem>.weights.h5` path;
+            see `predictor_files`.
+        card: optional dict of extra card fields, typically `training` (what
+            the predictor was trained on) and `metrics` (held-out results).
+            `format_version`, `class_name`, `config` and `normalization` are
+            always set by this function.
+
+    Returns:
+        The `(weights file, card file)` paths written.
+    """
+    if not isinstance(predictor, FreezePredictor):
+        raise ValueError(
+            "`predictor` must be a FreezePredictor; received "
+            f"{type(predictor).__name__}."
+        )
+    weights_file, card_file = predictor_files(path)
+    weights_file.parent.mkdir(parents=True, exist_ok=True)
+    full_card = dict(card or {})
+    full_card.update(
+        {
+            "format_version": FORMAT_VERSION,
+            "class_name": "FreezePredictor",
+            "config": {key: getattr(predictor, key) for key in _CONFIG_KEYS},
+            "normalization": NORMALIZATION,
+        }
+    )
+    predictor.save_weights(str(weights_file))
+    card_file.write_text(json.dumps(full_card, indent=2, sort_keys=True))
+    return weights_file, card_file
+
+
+def read_card(path=None):
+    """Reads and checks the model card of the predictor at `path`.
+
+    Raises `FileNotFoundError` if the card is missing and `ValueError` if it
+    is not valid JSON or does not describe a predictor this version of
+    keras-smartfrz can load (other `format_version`, class, normalisation or
+    config keys). Every message names the file.
+    """
+    _, card_file = predictor_files(path)
+    if not card_file.is_file():
+        raise FileNotFoundError(
+            f"Predictor model card not found: '{card_file}'."
+            + _shipped_hint(path)
+        )
+    try:
+        card = json.loads(card_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(
+            f"Predictor model card '{card_file}' is not valid JSON (truncated "
+            f"or corrupt?): {error}."
+        ) from error
+    if not isinstance(card, dict):
+        raise ValueError(
+            f"Predictor model card '{card_file}' must hold a JSON object; "
+            f"found {type(card).__name__}."
+        )
+    version = card.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"Predictor model card '{card_file}' has format_version "
+            f"{version!r}; this version of keras-smartfrz reads format "
+            f"version {FORMAT_VERSION}."
+        )
+    if card.get("class_name") != "FreezePredictor":
+        raise ValueError(
+            f"Predictor model card '{card_file}' describes a "
+            f"{card.get('class_name')!r}, not a 'FreezePredictor'."
+        )
+    if card.get("normalization") != NORMALIZATION:
+        raise ValueError(
+            f"Predictor model card '{card_file}' was trained on windows "
+            f"normalised as {card.get('normalization')!r}; this version of "
+            f"keras-smartfrz normalises them as {NORMALIZATION!r}."
+        )
+    config = card.get("config")
+    if not isinstance(config, dict) or set(config) != set(_CONFIG_KEYS):
+        raise ValueError(
+            f"Predictor model card '{card_file}' must have a `config` with "
+            f"exactly the keys {sorted(_CONFIG_KEYS)}; found "
+            f"{sorted(config) if isinstance(config, dict) else config!r}."
+        )
+    return card
+
+
+def _shipped_hint(path):
+    if path is not None:
+        return ""
+    return (
+        " This installation ships no trained predictor: train and export "
+        "one with `python tools/train_predictor.py`, or pass the path of a "
+        "saved predictor."
+    )
+
+
+def load_predictor(path=None):
+    """Loads a trained `FreezePredictor` from its weights file and card.
+
+    Args:
+        path: `None` (default) for the predictor shipped with the package
+            (`keras_smartfrz/assets/predictor.weights.h5` and
+            `predictor_card.json`); a directory holding
+            `predictor.weights.h5` and `predictor_card.json`; or a
+            `<stem>.weights.h5` file with `<stem>_card.json` next to it.
+            See the module docstring for the format.
+
+    Returns:
+        The `FreezePredictor`, built and loaded; its model card (a dict) is
+        in its `card` attribute.
+
+    Raises:
+        FileNotFoundError: the weights file or the card is missing.
+        ValueError: a file is truncated or corrupt, or was written for
+            another format version, normalisation or configuration.
+
+    Example:
+
+    ```python
+    predictor = keras_smartfrz.load_predictor()
+    print(predictor.card["metrics"])
+    ```
+    """
+    weights_file, card_file = predictor_files(path)
+    card = read_card(path)
+    if not weights_file.is_file():
+        raise FileNotFoundError(
+            f"Predictor weights not found: '{weights_file}' (its model card "
+            f"'{card_file}' exists)." + _shipped_hint(path)
+        )
+    try:
+        predictor = FreezePredictor(**card["config"])
+    except ValueError as error:
+        raise ValueError(
+            f"Predictor model card '{card_file}' has an invalid config: "
+            f"{error}"
+        ) from error
+    try:
+        predictor.load_weights(str(weights_file))
+    except Exception as error:  # h5py and Keras raise many types here.
+        raise ValueError(
+            f"Cannot load predictor weights '{weights_file}' (truncated, "
+            "corrupt, or written for another config than its card "
+            f"'{card_file}'): {type(error).__name__}: {error}"
+        ) from error
+    predictor.card = card
+    return predictor
+
+
+# ------------------------------------------------------------------ policy
+@keras.saving.register_keras_serializable(package="keras_smartfrz")
+class PredictorPolicy(policies.FreezePolicy):
+    """Freezes the units a `FreezePredictor` scores at or above a threshold.
+
+    SmartFRZ's decision rule. At each freezing stage every candidate unit's
+    window (the last `window_size` snapshots of its sampled weights) is
+    normalised (`normalize_window`) and scored by the predictor in one
+    batched call; the score is the predicted probability that the unit has
+    converged, and a unit is proposed for freezing when its score is at least
+    `freeze_threshold`. Until the history holds a full window of
+    `window_size` snapshots, and for a unit whose window holds NaN or inf,
+    the score is 0 and nothing is proposed.
+
+    Serialisation keeps the predictor by reference: `get_config()` stores
+    the path it was loaded from (`None` for the shipped predictor), not its
+    weights. A policy built around an in-memory predictor cannot be
+    serialised; save the predictor with `save_predictor` and pass its path.
+
+    Args:
+        predictor: `None` (default) for the predictor shipped with the
+            package, a path accepted by `load_predictor`, or a
+            `FreezePredictor`.
+        freeze_threshold: minimum score to propose freezing, in `[0, 1]`
+            (default 0.5).
+
+    Example:
+
+    ```python
+    policy = keras_smartfrz.PredictorPolicy(freeze_threshold=0.5)
+    callback = keras_smartfrz.FreezingCallback(policy)
+    model.fit(x, y, epochs=10, callbacks=[callback])
+    ```
+    """
+
+    def __init__(self, predictor=None, freeze_threshold=0.5):
+        if isinstance(freeze_threshold, bool) or not isinstance(
+            freeze_threshold, (int, float, np.floating)
+        ):
+            raise ValueError(
+                "`freeze_threshold` must be a number in [0, 1]; received "
+                f"freeze_threshold={freeze_threshold!r}."
+            )
+        if not 0.0 <= freeze_threshold <= 1.0:
+            raise ValueError(
+                "`freeze_threshold` must be in [0, 1]; received "
+                f"freeze_threshold={freeze_threshold!r}."
+            )
+        if isinstance(predictor, FreezePredictor):
+            self._source = None
+        elif predictor is None or isinstance(predictor, (str, os.PathLike)):
+            self._source = {
+                "path": None if predictor is None else os.fspath(predictor)
+            }
+            predictor = load_predictor(predictor)
+        else:
+            raise ValueError(
+                "`predictor` must be None (the shipped predictor), a path, "
+                f"or a FreezePredictor; received {predictor!r}."
+            )
+        self.predictor = predictor
+        self.freeze_threshold = float(freeze_threshold)
+
+    @property
+    def window_size(self):
+        """Snapshots the predictor reads per unit."""
+        return self.predictor.window_size
+
+    @property
+    def sample_size(self):
+        """Sampled weights per snapshot the predictor reads."""
+        return self.predictor.sample_size
+
+    def decide(self, stage):
+        count = len(stage.unit_names)
+        scores = np.zeros(count, np.float32)
+        if stage.window is None or count == 0:
+            return scores, scores > 0.0
+        window = np.asarray(stage.window)
+        if window.ndim != 3 or window.shape[0] != count:
+            raise ValueError(
+                "`stage.window` must have shape (len(unit_names), T, S) = "
+                f"({count}, T, S); received shape {window.shape}."
+            )
+        if window.shape[2] != self.sample_size:
+            raise ValueError(
+                f"The predictor reads {self.sample_size} sampled weights per "
+                f"snapshot but the window holds {window.shape[2]}; use the "
+                "same `sample_size` for the callback and the predictor."
+            )
+        if window.shape[1] > self.window_size:
+            raise ValueError(
+                f"The predictor reads windows of {self.window_size} "
+                f"snapshots but received {window.shape[1]}; use the same "
+                "`window_size` for the callback and the predictor."
+            )
+        if window.shape[1] < self.window_size:
+            return scores, scores > 0.0
+        finite = np.isfinite(window).all(axis=(1, 2))
+        if finite.any():
+            inputs = normalize_window(window[finite])
+            probabilities = keras.ops.convert_to_numpy(
+                self.predictor(inputs, training=False)
+            )
+            scores[finite] = probabilities.reshape(-1)
+        return scores, finite & (scores >= self.freeze_threshold)
+
+    def get_config(self):
+        if self._source is None:
+            raise ValueError(
+                "This PredictorPolicy holds an in-memory FreezePredictor, "
+                "which cannot be serialised by config. Save it with "
+                "`keras_smartfrz.predictor.save_predictor(predictor, path)` "
+                "and build the policy with `PredictorPolicy(path)`."
+            )
+        return {
+            "predictor": self._source["path"],
+            "freeze_threshold": self.freeze_threshold,
+        }

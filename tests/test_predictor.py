@@ -1,0 +1,394 @@
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from keras_smartfrz import FreezingCallback
+from keras_smartfrz import policies
+from keras_smartfrz import predictor as predictor_lib
+from keras_smartfrz.predictor import FreezePredictor
+from keras_smartfrz.predictor import PredictorPolicy
+from keras_smartfrz.predictor import load_predictor
+from keras_smartfrz.predictor import normalize_window
+from keras_smartfrz.predictor import save_predictor
+
+TINY = dict(
+    window_size=4,
+    sample_size=8,
+    hidden_units=8,
+    embedding_units=4,
+    classifier_units=4,
+)
+
+
+def _trajectory(seed=0, units=3, steps=30, size=16):
+    rng = np.random.default_rng(seed)
+    start = rng.normal(size=(units, 1, size))
+    moves = rng.normal(size=(units, steps - 1, size))
+    path = np.concatenate(
+        [np.zeros((units, 1, size)), np.cumsum(moves, axis=1)], axis=1
+    )
+    return start, path
+
+
+def _tiny_predictor(bias=None):
+    predictor = FreezePredictor(**TINY)
+    if bias is not None:
+        head = predictor.classifier.layers[-1]
+        head.kernel.assign(np.zeros(head.kernel.shape, "float32"))
+        head.bias.assign(np.full(head.bias.shape, bias, "float32"))
+    return predictor
+
+
+def _stage(window, epoch=0):
+    return policies.FreezeStage(
+        epoch=epoch,
+        epochs=10,
+        unit_names=[f"unit_{i}" for i in range(len(window))],
+        num_units=len(window) + 1,
+        num_frozen=0,
+        window=window,
+    )
+
+
+# --------------------------------------------------------- normalisation
+def test_normalize_keeps_shape_and_zeroes_first_snapshot():
+    start, path = _trajectory()
+    out = normalize_window(start + 0.01 * path)
+    assert out.shape == (3, 30, 16) and out.dtype == np.float32
+    np.testing.assert_array_equal(out[:, 0], 0.0)
+
+
+def test_normalize_two_dims_is_one_unit():
+    start, path = _trajectory()
+    window = start + 0.01 * path
+    np.testing.assert_allclose(
+        normalize_window(window[1]), normalize_window(window)[1]
+    )
+
+
+def test_normalize_is_scale_and_offset_invariant():
+    start, path = _trajectory(1)
+    window = start + 0.01 * path
+    offset = np.random.default_rng(2).normal(size=(1, 1, 16))
+    np.testing.assert_allclose(
+        normalize_window(250.0 * window + offset),
+        normalize_window(window),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+
+
+def test_normalize_ignores_the_learning_rate_scale():
+    start, path = _trajectory(3)
+    slow = normalize_window(start + 1e-4 * path)
+    fast = normalize_window(start + 1e-1 * path)
+    np.testing.assert_allclose(slow, fast, rtol=1e-3, atol=1e-3)
+
+
+def test_normalize_units_are_independent():
+    start, path = _trajectory(4)
+    window = start + 0.01 * path
+    scaled = window.copy()
+    scaled[0] *= 1000.0  # one layer with a far larger weight scale
+    np.testing.assert_allclose(
+        normalize_window(scaled)[1:], normalize_window(window)[1:]
+    )
+    np.testing.assert_allclose(
+        normalize_window(scaled)[0], normalize_window(window)[0], rtol=1e-4,
+        atol=1e-4,
+    )
+
+
+def test_normalize_separates_drift_from_noise():
+    steps, size = 30, 64
+    rng = np.random.default_rng(5)
+    drift = np.linspace(0, 1, steps)[:, None] * rng.normal(size=(1, size))
+    noise = 0.05 * rng.normal(size=(steps, size))
+
+    def last_rms(window):
+        return np.sqrt(np.mean(normalize_window(window)[-1] ** 2))
+
+    assert last_rms(drift) == pytest.approx(steps - 1, rel=1e-5)
+    assert last_rms(noise) < 2.0  # iid noise around a point: about 1
+
+
+def test_normalize_constant_window_is_finite_zero():
+    for window in (np.full((2, 30, 8), 0.37), np.zeros((30, 8))):
+        out = normalize_window(window)
+        assert np.all(np.isfinite(out))
+        np.testing.assert_array_equal(out, 0.0)
+
+
+def test_normalize_rounding_noise_is_not_amplified():
+    jitter = np.random.default_rng(6).normal(size=(30, 8))
+    window = np.ones((30, 8)) + 1e-9 * jitter
+    assert np.abs(normalize_window(window)).max() < 0.1
+
+
+def test_normalize_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="T >= 2"):
+        normalize_window(np.zeros((3, 1, 8)))
+    with pytest.raises(ValueError, match="\\(units, T, S\\)"):
+        normalize_window(np.zeros(8))
+
+
+# ------------------------------------------------------------- predictor
+def test_default_predictor_has_about_a_million_parameters():
+    predictor = FreezePredictor()
+    assert 0.9e6 < predictor.count_params() < 1.2e6
+    def widths(mlp):
+        return [layer.units for layer in mlp.layers]
+
+    assert widths(predictor.query_encoder) == [256, 256, 64]
+    assert widths(predictor.classifier) == [32, 32, 1]
+
+
+def test_predictor_outputs_probabilities_per_window():
+    predictor = _tiny_predictor()
+    x = np.random.rand(5, 4, 8).astype("float32")
+    out = keras.ops.convert_to_numpy(predictor(x))
+    assert out.shape == (5, 1)
+    assert np.all((out > 0) & (out < 1))
+    weights = keras.ops.convert_to_numpy(
+        predictor.attention_weights(np.random.rand(5, 4, 8).astype("float32"))
+    )
+    np.testing.assert_allclose(weights.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_predictor_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="window_size"):
+        FreezePredictor(window_size=1)
+    with pytest.raises(ValueError, match="sample_size"):
+        FreezePredictor(sample_size=0)
+
+
+def test_predictor_keras_saving_round_trip(tmp_path):
+    predictor = _tiny_predictor()
+    x = np.random.rand(3, 4, 8).astype("float32")
+    path = tmp_path / "predictor.keras"
+    predictor.save(path)
+    restored = keras.saving.load_model(path)
+    assert isinstance(restored, FreezePredictor)
+    assert restored.get_config()["hidden_units"] == 8
+    np.testing.assert_allclose(restored(x), predictor(x), rtol=1e-6)
+    clone = keras.saving.deserialize_keras_object(
+        keras.saving.serialize_keras_object(predictor)
+    )
+    assert clone.count_params() == predictor.count_params()
+
+
+# ------------------------------------------------------------ file format
+def test_save_and_load_predictor(tmp_path):
+    predictor = _tiny_predictor()
+    weights_file, card_file = save_predictor(
+        predictor, tmp_path, {"training": {"runs": ["a"]}}
+    )
+    assert weights_file.name == "predictor.weights.h5"
+    assert card_file.name == "predictor_card.json"
+    loaded = load_predictor(tmp_path)
+    x = np.random.rand(2, 4, 8).astype("float32")
+    np.testing.assert_allclose(loaded(x), predictor(x), rtol=1e-6)
+    assert loaded.card["training"] == {"runs": ["a"]}
+    assert loaded.card["format_version"] == predictor_lib.FORMAT_VERSION
+    assert loaded.card["config"]["window_size"] == 4
+
+
+def test_weights_file_path_finds_its_card(tmp_path):
+    save_predictor(_tiny_predictor(), tmp_path / "mine.weights.h5")
+    assert (tmp_path / "mine_card.json").is_file()
+    assert load_predictor(tmp_path / "mine.weights.h5").sample_size == 8
+    with pytest.raises(ValueError, match="notes.txt"):
+        load_predictor(tmp_path / "notes.txt")
+
+
+def test_missing_predictor_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="predictor_card.json"):
+        load_predictor(tmp_path / "nowhere")
+
+
+def test_missing_shipped_predictor_names_the_asset(tmp_path, monkeypatch):
+    monkeypatch.setattr(predictor_lib, "ASSETS_DIR", tmp_path / "assets")
+    with pytest.raises(FileNotFoundError, match="assets.*train_predictor"):
+        load_predictor()
+    with pytest.raises(FileNotFoundError):
+        PredictorPolicy()
+
+
+def test_missing_weights_names_the_file(tmp_path):
+    save_predictor(_tiny_predictor(), tmp_path)
+    (tmp_path / "predictor.weights.h5").unlink()
+    with pytest.raises(FileNotFoundError, match="predictor.weights.h5"):
+        load_predictor(tmp_path)
+
+
+def test_truncated_weights_name_the_file(tmp_path):
+    weights_file, _ = save_predictor(_tiny_predictor(), tmp_path)
+    data = weights_file.read_bytes()
+    weights_file.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="predictor.weights.h5"):
+        load_predictor(tmp_path)
+
+
+def test_truncated_card_names_the_file(tmp_path):
+    _, card_file = save_predictor(_tiny_predictor(), tmp_path)
+    card_file.write_text(card_file.read_text()[:20])
+    with pytest.raises(ValueError, match="predictor_card.json.*not valid JSON"):
+        load_predictor(tmp_path)
+
+
+def _edit_card(card_file, **changes):
+    card = json.loads(card_file.read_text())
+    card.update(changes)
+    card_file.write_text(json.dumps(card))
+
+
+def test_other_format_version_is_refused(tmp_path):
+    _, card_file = save_predictor(_tiny_predictor(), tmp_path)
+    _edit_card(card_file, format_version=99)
+    with pytest.raises(ValueError, match="card.json.*format_version 99"):
+        load_predictor(tmp_path)
+
+
+def test_other_normalization_is_refused(tmp_path):
+    _, card_file = save_predictor(_tiny_predictor(), tmp_path)
+    _edit_card(card_file, normalization="raw")
+    with pytest.raises(ValueError, match="predictor_card.json.*'raw'"):
+        load_predictor(tmp_path)
+
+
+def test_config_not_matching_the_weights_is_refused(tmp_path):
+    _, card_file = save_predictor(_tiny_predictor(), tmp_path)
+    _edit_card(card_file, config={**TINY, "hidden_units": 16})
+    with pytest.raises(ValueError, match="predictor.weights.h5"):
+        load_predictor(tmp_path)
+
+
+def test_unknown_config_key_is_refused(tmp_path):
+    _, card_file = save_predictor(_tiny_predictor(), tmp_path)
+    _edit_card(card_file, config={**TINY, "dropout": 0.1})
+    with pytest.raises(ValueError, match="predictor_card.json.*config"):
+        load_predictor(tmp_path)
+
+
+# ---------------------------------------------------------------- policy
+def test_policy_freezes_at_or_above_threshold():
+    window = np.random.default_rng(7).normal(size=(3, 4, 8))
+    sure = PredictorPolicy(_tiny_predictor(bias=10.0))
+    scores, freeze = sure.decide(_stage(window))
+    assert scores.shape == (3,) and np.all(scores > 0.99)
+    assert freeze.tolist() == [True, True, True]
+    unsure = PredictorPolicy(_tiny_predictor(bias=-10.0))
+    scores, freeze = unsure.decide(_stage(window))
+    assert np.all(scores < 0.01) and not freeze.any()
+
+
+def test_policy_scores_are_the_predictor_on_normalised_windows():
+    predictor = _tiny_predictor()
+    window = np.random.default_rng(8).normal(size=(3, 4, 8))
+    scores, freeze = PredictorPolicy(predictor, freeze_threshold=0.5).decide(
+        _stage(window)
+    )
+    expected = keras.ops.convert_to_numpy(
+        predictor(normalize_window(window))
+    ).reshape(-1)
+    np.testing.assert_allclose(scores, expected, rtol=1e-5)
+    np.testing.assert_array_equal(freeze, expected >= 0.5)
+
+
+def test_policy_predicts_all_units_in_one_call():
+    class CountingPredictor(FreezePredictor):
+        batches = []
+
+        def call(self, inputs):
+            CountingPredictor.batches.append(int(inputs.shape[0]))
+            return super().call(inputs)
+
+    predictor = CountingPredictor(**TINY)
+    CountingPredictor.batches.clear()
+    PredictorPolicy(predictor).decide(_stage(np.random.rand(5, 4, 8)))
+    assert CountingPredictor.batches == [5]
+
+
+def test_policy_waits_for_a_full_window():
+    policy = PredictorPolicy(_tiny_predictor(bias=10.0))
+    scores, freeze = policy.decide(_stage(np.random.rand(2, 3, 8)))
+    assert not freeze.any() and np.all(scores == 0.0)
+
+
+def test_policy_never_freezes_non_finite_units():
+    window = np.random.default_rng(9).normal(size=(2, 4, 8))
+    window[1, 2, 3] = np.nan
+    policy = PredictorPolicy(_tiny_predictor(bias=10.0), freeze_threshold=0.0)
+    scores, freeze = policy.decide(_stage(window))
+    assert freeze.tolist() == [True, False]
+    assert scores[1] == 0.0 and np.all(np.isfinite(scores))
+
+
+def test_policy_rejects_mismatched_windows():
+    policy = PredictorPolicy(_tiny_predictor())
+    with pytest.raises(ValueError, match="8 sampled weights.*holds 16"):
+        policy.decide(_stage(np.random.rand(2, 4, 16)))
+    with pytest.raises(ValueError, match="windows of 4 snapshots.*received 6"):
+        policy.decide(_stage(np.random.rand(2, 6, 8)))
+
+
+def test_policy_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="freeze_threshold"):
+        PredictorPolicy(_tiny_predictor(), freeze_threshold=1.5)
+    with pytest.raises(ValueError, match="predictor"):
+        PredictorPolicy(predictor=42)
+
+
+def test_policy_serializes_by_path(tmp_path):
+    predictor = _tiny_predictor()
+    save_predictor(predictor, tmp_path)
+    policy = PredictorPolicy(str(tmp_path), freeze_threshold=0.3)
+    config = keras.saving.serialize_keras_object(policy)
+    restored = keras.saving.deserialize_keras_object(config)
+    assert isinstance(restored, PredictorPolicy)
+    assert restored.freeze_threshold == 0.3
+    window = np.random.rand(2, 4, 8)
+    np.testing.assert_allclose(
+        restored.decide(_stage(window))[0], policy.decide(_stage(window))[0]
+    )
+
+
+def test_policy_with_shipped_predictor_serializes_as_none(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(predictor_lib, "ASSETS_DIR", tmp_path)
+    save_predictor(_tiny_predictor(), tmp_path)
+    assert PredictorPolicy().get_config() == {
+        "predictor": None,
+        "freeze_threshold": 0.5,
+    }
+
+
+def test_policy_with_in_memory_predictor_refuses_to_serialize():
+    with pytest.raises(ValueError, match="save_predictor"):
+        PredictorPolicy(_tiny_predictor()).get_config()
+
+
+def test_policy_drives_the_freezing_callback():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(8, activation="relu"),
+            keras.layers.Dense(8, activation="relu"),
+            keras.layers.Dense(1),
+        ]
+    )
+    model.compile(optimizer="adam", loss="mse")
+    callback = FreezingCallback(
+        PredictorPolicy(_tiny_predictor(bias=10.0)),
+        window_size=4,
+        sample_size=8,
+        min_epochs=1,
+    )
+    x, y = np.random.rand(64, 6), np.random.rand(64, 1)
+    model.fit(x, y, batch_size=8, epochs=2, callbacks=[callback], verbose=0)
+    assert callback.frozen_units == [model.layers[0].path, model.layers[1].path]
+    assert model.layers[2].trainable

