@@ -235,8 +235,15 @@ class FreezePredictor(keras.Model):
             encoder(flat), (shape[0], shape[1], self.embedding_units)
         )
 
+    def _rescale(self, inputs):
+        # Normalised windows reach `window_size - 1` in magnitude; scaled to
+        # about [-1, 1] so the encoders' ReLUs do not saturate. Without it,
+        # training on the collected windows collapsed to a constant output.
+        return inputs / float(self.window_size - 1)
+
     def attention_weights(self, inputs):
         """How much each snapshot of the window counts, `(batch, T)`."""
+        inputs = self._rescale(inputs)
         query = self.query_encoder(inputs[:, -1, :])
         keys = self._encode_snapshots(self.key_encoder, inputs)
         scores = keras.ops.einsum("be,bte->bt", query, keys)
@@ -246,7 +253,9 @@ class FreezePredictor(keras.Model):
 
     def call(self, inputs):
         weights = self.attention_weights(inputs)
-        values = self._encode_snapshots(self.value_encoder, inputs)
+        values = self._encode_snapshots(
+            self.value_encoder, self._rescale(inputs)
+        )
         context = keras.ops.einsum("bt,bte->be", weights, values)
         return self.classifier(context)
 
