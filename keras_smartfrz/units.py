@@ -114,14 +114,43 @@ def find_units(model):
     for child in _children(model):
         _collect_weighted_layers(child, seen, layers)
 
-    units = []
+    units, unit_of = [], {}
     for layer in layers:
-        if (
-            units
-            and isinstance(layer, _NORMALIZATION_FOLLOWERS)
-            and not isinstance(units[-1].layers[-1], _NORMALIZATION_FOLLOWERS)
-        ):
-            units[-1].layers.append(layer)
-        else:
-            units.append(FreezeUnit(name=layer_path(layer), layers=[layer]))
+        owner = _normalised_unit(layer, units, unit_of)
+        if owner is not None:
+            owner.layers.append(layer)
+            continue
+        unit = FreezeUnit(name=layer_path(layer), layers=[layer])
+        units.append(unit)
+        unit_of[id(layer)] = unit
     return units
+
+
+def _input_producer(layer):
+    """The layer whose output `layer` reads, from the functional graph.
+
+    Returns `False` when the graph does not say (a subclassed model, a layer
+    called several times or on several inputs), `None` when the input comes
+    from something that is not a layer owning a unit (an input, an `Add`).
+    """
+    nodes = getattr(layer, "_inbound_nodes", None) or []
+    if len(nodes) != 1 or len(nodes[0].input_tensors) != 1:
+        return False
+    history = getattr(nodes[0].input_tensors[0], "_keras_history", None)
+    return history.operation if history is not None else False
+
+
+def _normalised_unit(layer, units, unit_of):
+    """The unit a normalisation layer joins, or `None` if it is a unit.
+
+    A `BatchNormalization` joins the unit of the layer whose output it
+    normalises. Where the graph does not tell (subclassed models), it joins
+    the unit just before it in forward order.
+    """
+    if not isinstance(layer, _NORMALIZATION_FOLLOWERS) or not units:
+        return None
+    producer = _input_producer(layer)
+    owner = units[-1] if producer is False else unit_of.get(id(producer))
+    if owner is None or isinstance(owner.layers[-1], _NORMALIZATION_FOLLOWERS):
+        return None
+    return owner

@@ -109,3 +109,19 @@ def test_keras_hub_vit_blocks_are_opened():
     assert paths[-1] == "vit_encoder/ln"
     total = sum(u.num_params for u in units)
     assert total == sum(int(np.prod(v.shape)) for v in backbone.trainable_weights)
+
+
+def test_batchnorm_joins_the_layer_it_normalises_not_its_predecessor():
+    # Topological order here is conv_a, conv_b, bn_a, bn_b (a ResNet
+    # shortcut block): each BN must still go with its own convolution.
+    inputs = keras.Input((8, 8, 3))
+    a = keras.layers.Conv2D(4, 1, name="conv_a")(inputs)
+    b = keras.layers.Conv2D(4, 3, padding="same", name="conv_b")(inputs)
+    a = keras.layers.BatchNormalization(name="bn_a")(a)
+    b = keras.layers.BatchNormalization(name="bn_b")(b)
+    x = keras.layers.Add()([a, b])
+    x = keras.layers.BatchNormalization(name="bn_after_add")(x)
+    out = keras.layers.Dense(2, name="head")(keras.layers.Flatten()(x))
+    units = find_units(keras.Model(inputs, out))
+    assert sorted(names(units)) == sorted(
+        [["conv_a", "bn_a"], ["conv_b", "bn_b"], ["bn_after_add"], ["head"]])
