@@ -127,11 +127,11 @@ def find_units(model):
 
 
 def _input_producer(layer):
-    """The layer whose output `layer` reads, from the functional graph.
+    """The operation whose output `layer` reads, from the functional graph.
 
     Returns `False` when the graph does not say (a subclassed model, a layer
-    called several times or on several inputs), `None` when the input comes
-    from something that is not a layer owning a unit (an input, an `Add`).
+    called several times or on several inputs). The operation may own no
+    unit (an input, an `Add`); the caller decides what that means.
     """
     nodes = getattr(layer, "_inbound_nodes", None) or []
     if len(nodes) != 1 or len(nodes[0].input_tensors) != 1:
