@@ -149,6 +149,7 @@ class FreezingCallback(keras.callbacks.Callback):
         self.decisions = []
         self._active = []
         self._positions = {}
+        self._unit_index = {}
         self._sampler = None
         self._history = None
         self._cadence = None
@@ -161,6 +162,7 @@ class FreezingCallback(keras.callbacks.Callback):
         self._reset_state()
         self.policy.reset()
         self.units = find_units(self.model)
+        self._unit_index = {id(u): i for i, u in enumerate(self.units)}
         if len(self.units) < 2:
             warnings.warn(
                 f"{type(self).__name__}: model '{self.model.name}' has "
@@ -230,6 +232,9 @@ class FreezingCallback(keras.callbacks.Callback):
             num_units=len(self.units),
             num_frozen=len(self.frozen_units),
             window=window,
+            unit_indices=np.array(
+                [self._unit_index[id(u)] for u in candidates], np.int64
+            ),
         )
         scores, propose = self.policy.decide(stage)
         propose = np.asarray(propose, dtype=bool) & self._finite(candidates)

@@ -26,6 +26,9 @@ class FreezeStage:
         window: sampled weights of the candidates, shape `(len(unit_names),
             T, sample_size)`, oldest snapshot first; `None` for policies that
             set `needs_history = False`.
+        unit_indices: each candidate's position among all `num_units`
+            units (forward order); `None` reads as the candidates being the
+            last units before the head (see `positions()`).
     """
 
     epoch: int
@@ -34,6 +37,15 @@ class FreezeStage:
     num_units: int
     num_frozen: int
     window: np.ndarray = None
+    unit_indices: np.ndarray = None
+
+    def positions(self):
+        """`unit_indices` as an int array, filled in when it is `None`."""
+        if self.unit_indices is not None:
+            return np.asarray(self.unit_indices, dtype=np.int64)
+        count = len(self.unit_names)
+        start = max(0, self.num_units - 1 - count)
+        return np.arange(start, start + count, dtype=np.int64)
 
     @property
     def progress(self):

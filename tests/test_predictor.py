@@ -11,7 +11,9 @@ from keras_smartfrz.predictor import FreezePredictor
 from keras_smartfrz.predictor import PredictorPolicy
 from keras_smartfrz.predictor import load_predictor
 from keras_smartfrz.predictor import normalize_window
+from keras_smartfrz.predictor import predictor_inputs
 from keras_smartfrz.predictor import save_predictor
+from keras_smartfrz.predictor import window_features
 
 TINY = dict(
     window_size=4,
@@ -19,6 +21,7 @@ TINY = dict(
     hidden_units=8,
     embedding_units=4,
     classifier_units=4,
+    dropout=0.2,
 )
 
 
@@ -30,6 +33,16 @@ def _trajectory(seed=0, units=3, steps=30, size=16):
         [np.zeros((units, 1, size)), np.cumsum(moves, axis=1)], axis=1
     )
     return start, path
+
+
+def _inputs(batch, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "window": rng.random((batch, 4, 8)).astype("float32"),
+        "features": rng.random((batch, predictor_lib.NUM_FEATURES)).astype(
+            "float32"
+        ),
+    }
 
 
 def _tiny_predictor(bias=None):
@@ -134,12 +147,90 @@ def test_normalize_rejects_bad_shapes():
         normalize_window(np.zeros(8))
 
 
+# -------------------------------------------------------------- features
+def _feature(window, name, unit_index=0, num_units=2):
+    column = predictor_lib.FEATURE_NAMES.index(name)
+    return window_features(window, unit_index, num_units)[:, column]
+
+
+def test_features_shape_and_names():
+    start, path = _trajectory(10)
+    out = window_features(start + 0.01 * path, [0, 1, 2], 4)
+    assert out.shape == (3, predictor_lib.NUM_FEATURES)
+    assert out.dtype == np.float32 and np.all(np.isfinite(out))
+    np.testing.assert_allclose(
+        out[:, predictor_lib.FEATURE_NAMES.index("depth")], [0, 1 / 3, 2 / 3]
+    )
+
+
+def test_features_are_scale_free_but_see_relative_speed():
+    start, path = _trajectory(11)
+    window = start + 0.01 * path
+    np.testing.assert_allclose(
+        window_features(250.0 * window, 0, 2),
+        window_features(window, 0, 2),
+        rtol=1e-5, atol=1e-6,
+    )
+    # Ten times faster relative to the weights: log10 step size up by 1/4.
+    faster = start + 0.1 * path
+    step = _feature(faster, "log_step_size") - _feature(window, "log_step_size")
+    assert np.all(step > 0.2)
+
+
+def test_features_separate_drift_from_wandering():
+    steps, size = 30, 64
+    rng = np.random.default_rng(12)
+    base = rng.normal(size=(1, 1, size))
+    drift = base + np.linspace(0, 1, steps)[None, :, None] * rng.normal(
+        size=(1, 1, size)
+    )
+    wander = base + 0.05 * rng.normal(size=(1, steps, size))
+    assert _feature(drift, "straightness")[0] == pytest.approx(1.0, rel=1e-6)
+    assert _feature(wander, "straightness")[0] < 0.1
+
+
+def test_features_see_deceleration():
+    steps = np.concatenate([np.full(15, 1.0), np.full(14, 0.01)])
+    window = np.concatenate([[0.0], np.cumsum(steps)])[None, :, None]
+    window = 5.0 + window * np.ones((1, 1, 8))
+    assert _feature(window, "deceleration")[0] < -0.9
+
+
+def test_features_of_a_still_unit_are_finite():
+    out = window_features(np.full((2, 30, 8), 0.37), [0, 1], 3)
+    assert np.all(np.isfinite(out))
+    assert np.all(out[:, 0] == -3.0)  # the floor, 1e-12, over 4
+
+
+def test_features_reject_bad_input():
+    with pytest.raises(ValueError, match="T >= 3"):
+        window_features(np.zeros((2, 2, 8)), 0, 2)
+    with pytest.raises(ValueError, match="num_units=0"):
+        window_features(np.zeros((2, 5, 8)), 0, 0)
+    with pytest.raises(ValueError, match="unit_index=5"):
+        window_features(np.zeros((2, 5, 8)), 5, 3)
+
+
+def test_stage_positions_default_to_the_units_before_the_head():
+    stage = policies.FreezeStage(
+        epoch=0, epochs=3, unit_names=["c", "d"], num_units=5, num_frozen=2
+    )
+    assert stage.positions().tolist() == [2, 3]
+    stage.unit_indices = [0, 3]
+    assert stage.positions().tolist() == [0, 3]
+
+
 # ------------------------------------------------------------- predictor
+def test_predictor_refuses_inputs_without_features():
+    with pytest.raises(ValueError, match="'window' and 'features'"):
+        _tiny_predictor()(np.random.rand(2, 4, 8).astype("float32"))
+
+
 def test_default_predictor_has_about_a_million_parameters():
     predictor = FreezePredictor()
     assert 0.9e6 < predictor.count_params() < 1.2e6
     def widths(mlp):
-        return [layer.units for layer in mlp.layers]
+        return [layer.units for layer in mlp.layers if hasattr(layer, "units")]
 
     assert widths(predictor.query_encoder) == [256, 256, 64]
     assert widths(predictor.classifier) == [32, 32, 1]
@@ -147,26 +238,28 @@ def test_default_predictor_has_about_a_million_parameters():
 
 def test_predictor_outputs_probabilities_per_window():
     predictor = _tiny_predictor()
-    x = np.random.rand(5, 4, 8).astype("float32")
+    x = _inputs(5)
     out = keras.ops.convert_to_numpy(predictor(x))
     assert out.shape == (5, 1)
     assert np.all((out > 0) & (out < 1))
     weights = keras.ops.convert_to_numpy(
-        predictor.attention_weights(np.random.rand(5, 4, 8).astype("float32"))
+        predictor.attention_weights(_inputs(5, seed=1))
     )
     np.testing.assert_allclose(weights.sum(axis=1), 1.0, rtol=1e-5)
 
 
 def test_predictor_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="window_size"):
-        FreezePredictor(window_size=1)
+    with pytest.raises(ValueError, match="window_size=2"):
+        FreezePredictor(window_size=2)
+    with pytest.raises(ValueError, match="dropout=1.0"):
+        FreezePredictor(dropout=1.0)
     with pytest.raises(ValueError, match="sample_size"):
         FreezePredictor(sample_size=0)
 
 
 def test_predictor_keras_saving_round_trip(tmp_path):
     predictor = _tiny_predictor()
-    x = np.random.rand(3, 4, 8).astype("float32")
+    x = _inputs(3)
     path = tmp_path / "predictor.keras"
     predictor.save(path)
     restored = keras.saving.load_model(path)
@@ -188,7 +281,7 @@ def test_save_and_load_predictor(tmp_path):
     assert weights_file.name == "predictor.weights.h5"
     assert card_file.name == "predictor_card.json"
     loaded = load_predictor(tmp_path)
-    x = np.random.rand(2, 4, 8).astype("float32")
+    x = _inputs(2)
     np.testing.assert_allclose(loaded(x), predictor(x), rtol=1e-6)
     assert loaded.card["training"] == {"runs": ["a"]}
     assert loaded.card["format_version"] == predictor_lib.FORMAT_VERSION
@@ -267,7 +360,7 @@ def test_config_not_matching_the_weights_is_refused(tmp_path):
 
 def test_unknown_config_key_is_refused(tmp_path):
     _, card_file = save_predictor(_tiny_predictor(), tmp_path)
-    _edit_card(card_file, config={**TINY, "dropout": 0.1})
+    _edit_card(card_file, config={**TINY, "dropout": 0.1, "heads": 2})
     with pytest.raises(ValueError, match="predictor_card.json.*config"):
         load_predictor(tmp_path)
 
@@ -291,7 +384,7 @@ def test_policy_scores_are_the_predictor_on_normalised_windows():
         _stage(window)
     )
     expected = keras.ops.convert_to_numpy(
-        predictor(normalize_window(window))
+        predictor(predictor_inputs(window, [0, 1, 2], 4))
     ).reshape(-1)
     np.testing.assert_allclose(scores, expected, rtol=1e-5)
     np.testing.assert_array_equal(freeze, expected >= 0.5)
@@ -301,9 +394,9 @@ def test_policy_predicts_all_units_in_one_call():
     class CountingPredictor(FreezePredictor):
         batches = []
 
-        def call(self, inputs):
-            CountingPredictor.batches.append(int(inputs.shape[0]))
-            return super().call(inputs)
+        def call(self, inputs, training=None):
+            CountingPredictor.batches.append(int(inputs["window"].shape[0]))
+            return super().call(inputs, training=training)
 
     predictor = CountingPredictor(**TINY)
     CountingPredictor.batches.clear()

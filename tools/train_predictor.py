@@ -84,7 +84,9 @@ RUN_PREFIX = "run-"
 # threshold at which almost every window (or none) is "freeze" leaves the
 # predictor nothing to learn. The paper's own value is not available offline.
 DEFAULT_CKA_THRESHOLD = 0.95
-DATASET_FORMAT_VERSION = 1
+DATASET_FORMAT_VERSION = 2
+# How much worse a wrong "freeze" is than a missed one, in training loss.
+DEFAULT_FALSE_FREEZE_COST = 2.0
 
 
 # ------------------------------------------------------------------- data
@@ -811,7 +813,7 @@ def label(runs_dir, out_path, threshold=DEFAULT_CKA_THRESHOLD, verbose=1):
     One example per (run, unit, epoch) except the head (the last unit, which
     never freezes), the last epoch (CKA with itself is 1 by definition) and
     undefined labels. Windows are normalised (`normalize_window`) and stored
-    as float16.
+    as float16, with the predictor's side features (`window_features`).
 
     Returns:
         A summary dict: windows and positive share per architecture.
@@ -849,11 +851,13 @@ def label(runs_dir, out_path, threshold=DEFAULT_CKA_THRESHOLD, verbose=1):
                 for epoch, index in enumerate(windows[:-1]):
                     if index is None or labels[unit, epoch] < 0:
                         continue
-                    columns["windows"].append(
-                        predictor_lib.normalize_window(
-                            snapshots[unit, index]
-                        ).astype(np.float16)
+                    inputs = predictor_lib.predictor_inputs(
+                        snapshots[unit, index][None], unit, len(names)
                     )
+                    columns["windows"].append(
+                        inputs["window"][0].astype(np.float16)
+                    )
+                    columns["features"].append(inputs["features"][0])
                     columns["labels"].append(labels[unit, epoch])
                     columns["cka"].append(curve[unit, epoch])
                     columns["arch"].append(meta["arch"])
@@ -876,6 +880,7 @@ def label(runs_dir, out_path, threshold=DEFAULT_CKA_THRESHOLD, verbose=1):
     }
     arrays = {
         "windows": np.stack(columns["windows"]),
+        "features": np.stack(columns["features"]).astype(np.float32),
         "labels": np.array(columns["labels"], np.int8),
         "cka": np.array(columns["cka"], np.float32),
         "arch": np.array(columns["arch"]),
@@ -977,7 +982,7 @@ def classification_metrics(labels, scores, threshold=0.5):
 
 
 # ------------------------------------------------------------------ train
-def _augment(windows, labels):
+def _augment(inputs, labels):
     """Label-preserving symmetries of a normalised window.
 
     The order of the S sampled weights carries no meaning (positions are
@@ -987,11 +992,12 @@ def _augment(windows, labels):
     """
     import tensorflow as tf
 
-    windows = tf.cast(windows, tf.float32)
+    windows = tf.cast(inputs["window"], tf.float32)
     permutation = tf.random.shuffle(tf.range(tf.shape(windows)[-1]))
     windows = tf.gather(windows, permutation, axis=-1)
     sign = tf.where(tf.random.uniform([]) < 0.5, -1.0, 1.0)
-    return windows * sign, labels
+    # The side features are invariant to both symmetries.
+    return {"window": windows * sign, "features": inputs["features"]}, labels
 
 
 def _split_validation(arrays, train_mask, fraction, seed):
@@ -1014,12 +1020,16 @@ def train(
     batch_size=64,
     predictor_config=None,
     validation_fraction=0.15,
+    false_freeze_cost=DEFAULT_FALSE_FREEZE_COST,
     seed=0,
     verbose=1,
 ):
     """Fits a `FreezePredictor` on every architecture but `holdout`.
 
-    Class weights balance "freeze" against "keep training"; a 15% share of
+    Class weights balance "freeze" against "keep training", then weigh
+    every "keep training" window `false_freeze_cost` times more: freezing a
+    unit too early costs accuracy, freezing it late only costs time, so the
+    default threshold 0.5 should sit on the cautious side. A 15% share of
     the training units' trajectories is kept aside for early stopping on
     validation AUC. Interrupted training resumes from `<out_dir>/backup`.
     Writes the predictor (weights + card) to `out_dir`.
@@ -1048,7 +1058,10 @@ def train(
     if positives in (0.0, 1.0):
         class_weight = None
     else:
-        class_weight = {0: 0.5 / (1 - positives), 1: 0.5 / positives}
+        class_weight = {
+            0: false_freeze_cost * 0.5 / (1 - positives),
+            1: 0.5 / positives,
+        }
 
     keras.utils.set_random_seed(seed)
     settings = meta["settings"]
@@ -1066,12 +1079,24 @@ def train(
 
     def dataset(mask, augment):
         ds = tf.data.Dataset.from_tensor_slices(
-            (arrays["windows"][mask], labels[mask])
+            (
+                {
+                    "window": arrays["windows"][mask],
+                    "features": arrays["features"][mask],
+                },
+                labels[mask],
+            )
         )
         if augment:
             ds = ds.shuffle(int(mask.sum()), seed=seed).map(_augment)
         else:
-            ds = ds.map(lambda w, y: (tf.cast(w, tf.float32), y))
+            ds = ds.map(
+                lambda x, y: (
+                    {"window": tf.cast(x["window"], tf.float32),
+                     "features": x["features"]},
+                    y,
+                )
+            )
         return ds.batch(batch_size).prefetch(2)
 
     out_dir = pathlib.Path(out_dir)
@@ -1115,6 +1140,7 @@ def train(
                 "held_out": int((~in_train).sum()),
             },
             "fit_freeze_share": positives,
+            "false_freeze_cost": false_freeze_cost,
             "epochs_run": len(history.history["loss"]),
             "keras_version": keras.__version__,
         },
@@ -1141,7 +1167,12 @@ def evaluate(data_path, weights, freeze_threshold=0.5, verbose=1):
     card = model.card
     held_out = set(card.get("training", {}).get("held_out_archs", []))
     scores = model.predict(
-        arrays["windows"].astype(np.float32), batch_size=256, verbose=0
+        {
+            "window": arrays["windows"].astype(np.float32),
+            "features": arrays["features"],
+        },
+        batch_size=256,
+        verbose=0,
     ).reshape(-1)
     report = {}
     for arch in sorted(set(arrays["arch"].tolist())):
@@ -1312,6 +1343,11 @@ def build_parser():
     p.add_argument("--hidden-units", type=int, default=256)
     p.add_argument("--embedding-units", type=int, default=64)
     p.add_argument("--classifier-units", type=int, default=32)
+    p.add_argument("--dropout", type=float, default=0.2)
+    p.add_argument("--false-freeze-cost", type=float,
+                   default=DEFAULT_FALSE_FREEZE_COST,
+                   help="weight of a wrong freeze against a missed one "
+                        "(default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser(
@@ -1358,7 +1394,9 @@ def main(argv=None):
                 "hidden_units": args.hidden_units,
                 "embedding_units": args.embedding_units,
                 "classifier_units": args.classifier_units,
+                "dropout": args.dropout,
             },
+            false_freeze_cost=args.false_freeze_cost,
             seed=args.seed,
         )
     elif args.command == "evaluate":
