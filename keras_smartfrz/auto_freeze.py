@@ -32,6 +32,8 @@ class AutoFreeze(FreezingCallback):
         seed: seed of the sampled positions (default 0).
         frozen_batchnorm: `"batch_statistics"` (default) or `"inference"`.
         verbose: 0 (default) or 1.
+        log_dir: `None` (default) or a directory for TensorBoard summaries of
+            the freezing stages; see `FreezingCallback`.
 
     Example:
 
@@ -61,6 +63,7 @@ class AutoFreeze(FreezingCallback):
         seed=0,
         frozen_batchnorm="batch_statistics",
         verbose=0,
+        log_dir=None,
     ):
         super().__init__(
             AutoFreezePolicy(percentile=percentile),
@@ -72,6 +75,7 @@ class AutoFreeze(FreezingCallback):
             seed=seed,
             frozen_batchnorm=frozen_batchnorm,
             verbose=verbose,
+            log_dir=log_dir,
         )
         self.percentile = percentile
 

@@ -1,6 +1,7 @@
 """The callback every freezing rule shares: sample -> history -> policy -> apply."""
 
 import dataclasses
+import os
 import warnings
 
 import keras
@@ -8,6 +9,7 @@ import numpy as np
 
 from keras_smartfrz import freezing
 from keras_smartfrz import policies
+from keras_smartfrz import summaries
 from keras_smartfrz.history import SnapshotCadence
 from keras_smartfrz.history import SnapshotHistory
 from keras_smartfrz.sampling import WeightSampler
@@ -82,6 +84,13 @@ class FreezingCallback(keras.callbacks.Callback):
         frozen_batchnorm: `"batch_statistics"` (default) or `"inference"`;
             see `keras_smartfrz.freeze_layers`.
         verbose: 0 (default) is silent, 1 prints each freeze.
+        log_dir: `None` (default), or a directory to write TensorBoard
+            summaries of every freezing stage to, in its `smartfrz`
+            subdirectory: frozen fractions, estimated compute saved, each
+            scored unit's score, a table of the decisions and the state the
+            SmartFRZ dashboard draws. It may be the `log_dir` of a
+            `keras.callbacks.TensorBoard` (which writes `train` and
+            `validation`). See `keras_smartfrz.summaries`.
 
     Example:
 
@@ -104,6 +113,7 @@ class FreezingCallback(keras.callbacks.Callback):
         seed=0,
         frozen_batchnorm="batch_statistics",
         verbose=0,
+        log_dir=None,
     ):
         super().__init__()
         freezing.require_tensorflow_backend()
@@ -131,6 +141,14 @@ class FreezingCallback(keras.callbacks.Callback):
             raise ValueError(
                 f"`verbose` must be 0 or 1; received verbose={verbose!r}."
             )
+        if log_dir is not None and (
+            not isinstance(log_dir, (str, os.PathLike))
+            or not os.fspath(log_dir)
+        ):
+            raise ValueError(
+                "`log_dir` must be None or a non-empty path (str or "
+                f"os.PathLike); received log_dir={log_dir!r}."
+            )
         self.policy = policy
         self.mode = mode
         self.min_epochs = min_epochs
@@ -140,9 +158,14 @@ class FreezingCallback(keras.callbacks.Callback):
         self.seed = seed
         self.frozen_batchnorm = frozen_batchnorm
         self.verbose = int(verbose)
+        self.log_dir = log_dir
+        self._summaries = None
         self._reset_state()
 
     def _reset_state(self):
+        if self._summaries is not None:
+            self._summaries.close()
+        self._summaries = None
         self.units = []
         self.frozen_layers = []
         self.frozen_units = []
@@ -171,6 +194,12 @@ class FreezingCallback(keras.callbacks.Callback):
                 stacklevel=2,
             )
         self._active = list(self.units)
+        if self.log_dir is not None:
+            self._summaries = summaries.StageSummaryWriter(
+                self.log_dir,
+                [u.name for u in self.units],
+                [u.num_params for u in self.units],
+            )
         if self.policy.needs_history and len(self.units) >= 2:
             for index, unit in enumerate(self.units):
                 self._positions[unit.name] = draw_sample_positions(
@@ -185,6 +214,8 @@ class FreezingCallback(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_start_step = self._step
+        if self._summaries is not None:
+            self._summaries.begin_epoch(epoch)
 
     def on_train_batch_end(self, batch, logs=None):
         # `batch` is the index of the last step run (several with
@@ -201,8 +232,18 @@ class FreezingCallback(keras.callbacks.Callback):
             )
         if self._is_stage(epoch):
             self._run_stage(epoch)
+        if self._summaries is not None and self._is_stage(epoch):
+            # After the stage, so a stage that decided nothing still logs.
+            self._summaries.write_stage(
+                epoch, [d for d in self.decisions if d.epoch == epoch]
+            )
         if logs is not None:
             logs["frozen_fraction"] = self.frozen_fraction
+
+    def on_train_end(self, logs=None):
+        if self._summaries is not None:
+            self._summaries.close()
+            self._summaries = None
 
     # ------------------------------------------------------------ decisions
     @property
@@ -312,6 +353,9 @@ class FreezingCallback(keras.callbacks.Callback):
             "seed": self.seed,
             "frozen_batchnorm": self.frozen_batchnorm,
             "verbose": self.verbose,
+            "log_dir": (
+                None if self.log_dir is None else os.fspath(self.log_dir)
+            ),
         }
 
     @classmethod

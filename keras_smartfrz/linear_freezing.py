@@ -25,6 +25,8 @@ class LinearFreezing(FreezingCallback):
         freeze_every: epochs between freezing stages (default 1).
         frozen_batchnorm: `"batch_statistics"` (default) or `"inference"`.
         verbose: 0 (default) or 1.
+        log_dir: `None` (default) or a directory for TensorBoard summaries of
+            the freezing stages; see `FreezingCallback`.
 
     Example:
 
@@ -52,6 +54,7 @@ class LinearFreezing(FreezingCallback):
         freeze_every=1,
         frozen_batchnorm="batch_statistics",
         verbose=0,
+        log_dir=None,
     ):
         super().__init__(
             LinearPolicy(freeze_start=freeze_start, freeze_level=freeze_level),
@@ -60,6 +63,7 @@ class LinearFreezing(FreezingCallback):
             freeze_every=freeze_every,
             frozen_batchnorm=frozen_batchnorm,
             verbose=verbose,
+            log_dir=log_dir,
         )
         self.freeze_start = freeze_start
         self.freeze_level = freeze_level

@@ -41,6 +41,8 @@ class SmartFRZ(FreezingCallback):
         frozen_batchnorm: `"batch_statistics"` (default) or `"inference"`;
             see `keras_smartfrz.freeze_layers`.
         verbose: 0 (default) or 1 (print each freeze).
+        log_dir: `None` (default) or a directory for TensorBoard summaries of
+            the freezing stages; see `FreezingCallback`.
 
     Example:
 
@@ -69,6 +71,7 @@ class SmartFRZ(FreezingCallback):
         seed=0,
         frozen_batchnorm="batch_statistics",
         verbose=0,
+        log_dir=None,
     ):
         policy = PredictorPolicy(predictor, freeze_threshold=freeze_threshold)
         super().__init__(
@@ -81,6 +84,7 @@ class SmartFRZ(FreezingCallback):
             seed=seed,
             frozen_batchnorm=frozen_batchnorm,
             verbose=verbose,
+            log_dir=log_dir,
         )
         self.predictor = predictor
         self.freeze_threshold = freeze_threshold

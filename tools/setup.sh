@@ -7,10 +7,18 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
 
-# Real data shipped as Debian packages (see docs: offline data).
+# Debian packages: real data (see docs: offline data), and the headless
+# Chromium + ChromeDriver of the TensorBoard dashboard's browser test.
+APT_PACKAGES=()
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  APT_PACKAGES+=(dataset-fashion-mnist)
+fi
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+  APT_PACKAGES+=(chromium chromium-driver)
+fi
+if [ "${#APT_PACKAGES[@]}" -gt 0 ]; then
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${APT_PACKAGES[@]}"
 fi
 
 python -m pip install -q --upgrade pip
