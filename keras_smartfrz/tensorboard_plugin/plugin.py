@@ -69,10 +69,17 @@ class SmartFRZPlugin(base_plugin.TBPlugin):
     Args:
         context: a `tensorboard.plugins.base_plugin.TBContext`.
 
-    Example:
+    Example (`tensorboard --logdir logs` does the same for you):
 
     ```python
+    from tensorboard.backend.event_processing import data_provider
+    from tensorboard.backend.event_processing import plugin_event_multiplexer
     from tensorboard.plugins import base_plugin
+
+    multiplexer = plugin_event_multiplexer.EventMultiplexer()
+    multiplexer.AddRunsFromDirectory("logs")
+    multiplexer.Reload()
+    provider = data_provider.MultiplexerDataProvider(multiplexer, "logs")
     plugin = SmartFRZPlugin(base_plugin.TBContext(data_provider=provider))
     apps = plugin.get_plugin_apps()  # route -> WSGI app
     ```
