@@ -66,7 +66,8 @@ def get(client, path, **kwargs):
 def test_tensorboard_finds_the_plugin_through_our_entry_point():
     entry = [e for e in importlib.metadata.entry_points(
         group="tensorboard_plugins") if e.name == "smartfrz"]
-    assert len(entry) == 1
+    assert len(entry) == 1, (
+        "no smartfrz entry point: re-run `pip install -e .` to register it")
     assert entry[0].dist.name == "keras-smartfrz"
     assert entry[0].load() is smartfrz_plugin.SmartFRZLoader
     assert smartfrz_plugin.SmartFRZLoader in (
