@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import time
 import warnings
 
 import keras
@@ -68,6 +69,11 @@ class FreezingCallback(keras.callbacks.Callback):
     After `fit`, `frozen_layers` lists the frozen layer paths in freeze order
     and `decisions` every verdict. Each epoch's logs get `frozen_fraction`, the
     share of units frozen so far. Layers stay frozen after `fit`.
+    `overhead_seconds` holds the wall-clock time the callback itself spent
+    in this `fit`: `"sampling"` (the snapshots), `"decision"` (the freezing
+    stages, policy and rebuild) and `"freezing"` (the rebuild alone, part of
+    `"decision"`; the retrace it causes happens in the next train step and
+    is not counted).
 
     Args:
         policy: a `keras_smartfrz.policies.FreezePolicy`.
@@ -173,6 +179,8 @@ class FreezingCallback(keras.callbacks.Callback):
         self._active = []
         self._positions = {}
         self._unit_index = {}
+        self.overhead_seconds = {"sampling": 0.0, "decision": 0.0,
+                                 "freezing": 0.0}
         self._sampler = None
         self._history = None
         self._cadence = None
@@ -222,7 +230,9 @@ class FreezingCallback(keras.callbacks.Callback):
         # steps_per_execution > 1); this is the only per-step Python work.
         self._step = self._epoch_start_step + batch + 1
         if self._cadence is not None and self._cadence.due(self._step):
+            start = time.perf_counter()
             self._history.append(self._sampler())
+            self.overhead_seconds["sampling"] += time.perf_counter() - start
 
     def on_epoch_end(self, epoch, logs=None):
         if self._cadence is not None and self._cadence.steps_per_stage is None:
@@ -231,7 +241,9 @@ class FreezingCallback(keras.callbacks.Callback):
                 steps_in_epoch * self.freeze_every, self._step
             )
         if self._is_stage(epoch):
+            start = time.perf_counter()
             self._run_stage(epoch)
+            self.overhead_seconds["decision"] += time.perf_counter() - start
         if self._summaries is not None and self._is_stage(epoch):
             # After the stage, so a stage that decided nothing still logs.
             self._summaries.write_stage(
@@ -316,9 +328,13 @@ class FreezingCallback(keras.callbacks.Callback):
 
     def _freeze(self, units, epoch):
         layers = [layer for unit in units for layer in unit.layers]
+        start = time.perf_counter()
         freezing.freeze_layers(
             self.model, layers, frozen_batchnorm=self.frozen_batchnorm
         )
+        # Counted in "decision" too (it runs inside the stage); kept apart
+        # here so the rebuild's share can be told from the policy's.
+        self.overhead_seconds["freezing"] += time.perf_counter() - start
         self.frozen_units.extend(u.name for u in units)
         self.frozen_layers.extend(p for u in units for p in u.layer_paths)
         keep = [u not in units for u in self._active]

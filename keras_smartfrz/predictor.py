@@ -281,9 +281,10 @@ class FreezePredictor(keras.Model):
     snapshot to a key and a value; scaled dot-product attention over time
     (softmax of `q.k / sqrt(embedding_units)`) pools the values into a
     context vector. The classifier MLP (`embedding_units + NUM_FEATURES ->
-    classifier_units -> classifier_units -> 1`, ReLU, dropout, sigmoid)
-    scores the context vector joined with the features. With the defaults
-    it has about 1.04M parameters.
+    classifier_units -> classifier_units -> 1`, ReLU, dropout) scores the
+    context vector joined with the features; a linear map of the features
+    is added to its logit, and a sigmoid gives the probability. With the
+    defaults it has about 1.04M parameters.
 
     The paper's predictor reads the window alone. Ours also reads the
     features because the window is normalised to be scale-free, which
@@ -366,10 +367,14 @@ class FreezePredictor(keras.Model):
                 keras.layers.Dense(classifier_units, activation="relu"),
                 keras.layers.Dropout(self.dropout),
                 keras.layers.Dense(classifier_units, activation="relu"),
-                keras.layers.Dense(1, activation="sigmoid"),
+                keras.layers.Dense(1),
             ],
             name="classifier",
         )
+        # A linear path from the features straight to the logit ("wide and
+        # deep"): the few thousand reference windows train it in a few
+        # epochs, and the attention path only has to learn what it adds.
+        self.feature_logit = keras.layers.Dense(1, name="feature_logit")
         self.build(
             {
                 "window": (None, self.window_size, self.sample_size),
@@ -383,6 +388,7 @@ class FreezePredictor(keras.Model):
         self.key_encoder.build(snapshot_shape)
         self.value_encoder.build(snapshot_shape)
         self.classifier.build((None, self.embedding_units + NUM_FEATURES))
+        self.feature_logit.build((None, NUM_FEATURES))
         self.built = True
 
     def _unpack(self, inputs):
@@ -399,9 +405,13 @@ class FreezePredictor(keras.Model):
             )
         window = keras.ops.cast(inputs["window"], "float32")
         features = keras.ops.cast(inputs["features"], "float32")
-        # Normalised windows reach `window_size - 1` in magnitude; scaled to
-        # about [-1, 1] so the encoders' ReLUs do not saturate. Without it,
-        # training on the collected windows collapsed to a constant output.
+        # Each snapshot's values are sorted: the sampled positions are a
+        # random draw whose order means nothing, so the encoders read each
+        # snapshot's distribution of displacements (its quantiles), which
+        # means the same thing for every unit of every model. Normalised
+        # windows reach `window_size - 1` in magnitude; scaled to about
+        # [-1, 1] so the encoders' ReLUs do not saturate.
+        window = keras.ops.sort(window, axis=-1)
         return window / float(self.window_size - 1), features
 
     def _encode_snapshots(self, encoder, window):
@@ -431,7 +441,8 @@ class FreezePredictor(keras.Model):
         values = self._encode_snapshots(self.value_encoder, window)
         context = keras.ops.einsum("bt,bte->be", weights, values)
         joined = keras.ops.concatenate([context, features], axis=-1)
-        return self.classifier(joined, training=training)
+        logit = self.classifier(joined, training=training)
+        return keras.ops.sigmoid(logit + self.feature_logit(features))
 
     def get_config(self):
         config = super().get_config()

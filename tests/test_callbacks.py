@@ -265,3 +265,25 @@ def test_invalid_arguments_name_the_value(kwargs, shown):
 def test_policy_must_be_a_freeze_policy():
     with pytest.raises(ValueError, match="'greedy'"):
         FreezingCallback("greedy")
+
+
+def test_overhead_seconds_are_measured_and_reset():
+    policy = ScriptedPolicy({0: ["d0"]})
+    callback = FreezingCallback(policy, window_size=4, sample_size=8)
+    fit(mlp(), [callback], epochs=2)
+    overhead = callback.overhead_seconds
+    assert set(overhead) == {"sampling", "decision", "freezing"}
+    assert overhead["sampling"] > 0.0 and overhead["decision"] > 0.0
+    assert 0.0 < overhead["freezing"] <= overhead["decision"]
+    callback.on_train_begin()
+    assert all(v == 0.0 for v in callback.overhead_seconds.values())
+
+
+def test_stage_gives_each_candidate_its_position():
+    policy = ScriptedPolicy({0: ["d0"]})
+    callback = FreezingCallback(policy, window_size=4, sample_size=8)
+    fit(mlp(), [callback], epochs=2)
+    first, second = policy.stages
+    assert first.unit_indices.tolist() == [0, 1, 2]
+    assert second.unit_indices.tolist() == [1, 2]
+    assert second.num_units == 4

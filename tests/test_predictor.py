@@ -51,6 +51,9 @@ def _tiny_predictor(bias=None):
         head = predictor.classifier.layers[-1]
         head.kernel.assign(np.zeros(head.kernel.shape, "float32"))
         head.bias.assign(np.full(head.bias.shape, bias, "float32"))
+        wide = predictor.feature_logit
+        wide.kernel.assign(np.zeros(wide.kernel.shape, "float32"))
+        wide.bias.assign(np.zeros(wide.bias.shape, "float32"))
     return predictor
 
 

@@ -19,6 +19,9 @@ def constant_predictor(probability, window_size=4, sample_size=16):
     last.kernel.assign(np.zeros(last.kernel.shape, "float32"))
     logit = np.log(probability / (1.0 - probability))
     last.bias.assign(np.full(last.bias.shape, logit, "float32"))
+    wide = predictor.feature_logit
+    wide.kernel.assign(np.zeros(wide.kernel.shape, "float32"))
+    wide.bias.assign(np.zeros(wide.bias.shape, "float32"))
     return predictor
 
 

@@ -86,7 +86,9 @@ RUN_PREFIX = "run-"
 DEFAULT_CKA_THRESHOLD = 0.95
 DATASET_FORMAT_VERSION = 2
 # How much worse a wrong "freeze" is than a missed one, in training loss.
-DEFAULT_FALSE_FREEZE_COST = 2.0
+DEFAULT_FALSE_FREEZE_COST = 1.0
+# Early stopping watches a whole architecture the predictor does not fit.
+DEFAULT_VALIDATION_ARCHS = ("vit", "cnn_mnist")
 
 
 # ------------------------------------------------------------------- data
@@ -453,7 +455,7 @@ class Profile:
     batch_size: int = None
     holdout: tuple = ()
     predictor: dict = dataclasses.field(default_factory=dict)
-    train_epochs: int = 40
+    train_epochs: int = 60
 
     def recipe(self, arch):
         """(epochs, train_size, batch_size) of one architecture's runs."""
@@ -1000,8 +1002,44 @@ def _augment(inputs, labels):
     return {"window": windows * sign, "features": inputs["features"]}, labels
 
 
-def _split_validation(arrays, train_mask, fraction, seed):
-    """Holds out whole (run, unit) trajectories of the training archs."""
+def fit_feature_logit(features, labels, sample_weight, l2=1e-2, steps=50):
+    """Weighted, L2-regularised logistic regression by Newton's method.
+
+    Returns `(kernel (F, 1), bias (1,))` of the logit `features @ kernel +
+    bias`: the initial weights of the predictor's linear feature path.
+    """
+    x = np.c_[np.asarray(features, np.float64), np.ones(len(features))]
+    y = np.asarray(labels, np.float64)
+    c = np.asarray(sample_weight, np.float64)
+    c = c / c.mean()
+    w = np.zeros(x.shape[1])
+    penalty = l2 * np.eye(x.shape[1])
+    penalty[-1, -1] = 0.0  # the bias is not shrunk
+    for _ in range(steps):
+        p = 1.0 / (1.0 + np.exp(-np.clip(x @ w, -30, 30)))
+        gradient = x.T @ (c * (p - y)) / len(y) + penalty @ w
+        hessian = (x * (c * p * (1 - p))[:, None]).T @ x / len(y) + penalty
+        step = np.linalg.solve(hessian + 1e-9 * np.eye(len(w)), gradient)
+        w -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    return w[:-1, None].astype(np.float32), w[-1:].astype(np.float32)
+
+
+def _split_validation(arrays, train_mask, fraction, seed,
+                      validation_archs=DEFAULT_VALIDATION_ARCHS):
+    """The validation windows, taken out of the training architectures.
+
+    A whole architecture (`validation_archs`, the first one present among
+    the training ones) when the training set has at least two: early
+    stopping then rewards what transfers to an architecture the predictor
+    does not fit, not what memorises the fitted ones. Otherwise a `fraction`
+    of whole (run, unit) trajectories.
+    """
+    present = sorted(set(arrays["arch"][train_mask].tolist()))
+    for arch in validation_archs:
+        if arch in present and len(present) >= 2:
+            return train_mask & (arrays["arch"] == arch)
     groups = np.char.add(np.char.add(arrays["run"], "/"), arrays["unit"])
     candidates = np.unique(groups[train_mask])
     count = int(round(fraction * len(candidates)))
@@ -1016,8 +1054,8 @@ def train(
     data_path,
     out_dir,
     holdout,
-    epochs=40,
-    batch_size=64,
+    epochs=60,
+    batch_size=32,
     predictor_config=None,
     validation_fraction=0.15,
     false_freeze_cost=DEFAULT_FALSE_FREEZE_COST,
@@ -1029,9 +1067,13 @@ def train(
     Class weights balance "freeze" against "keep training", then weigh
     every "keep training" window `false_freeze_cost` times more: freezing a
     unit too early costs accuracy, freezing it late only costs time, so the
-    default threshold 0.5 should sit on the cautious side. A 15% share of
-    the training units' trajectories is kept aside for early stopping on
-    validation AUC. Interrupted training resumes from `<out_dir>/backup`.
+    default threshold 0.5 should sit on the cautious side.
+
+    The linear feature path starts from a logistic regression on the
+    features (`fit_feature_logit`) and the attention path from zero output.
+    Early stopping watches the AUC on a validation architecture that is not
+    fitted (`_split_validation`); if training ends no better there than the
+    start, the start is kept, and the card says so (`attention_path`). Interrupted training resumes from `<out_dir>/backup`.
     Writes the predictor (weights + card) to `out_dir`.
     """
     import tensorflow as tf
@@ -1071,6 +1113,24 @@ def train(
         sample_size=settings["sample_size"],
         **config,
     )
+    # Start from logistic regression on the features, with the attention
+    # path's output at zero: the network begins where the simple model
+    # ends, and training keeps the attention path only if it helps on the
+    # validation architecture (checked after `fit`).
+    weights = np.where(
+        labels[in_fit] > 0.5,
+        (class_weight or {1: 1.0})[1],
+        (class_weight or {0: 1.0})[0],
+    )
+    kernel, bias = fit_feature_logit(
+        arrays["features"][in_fit], labels[in_fit], weights
+    )
+    model.feature_logit.kernel.assign(kernel)
+    model.feature_logit.bias.assign(bias)
+    last = model.classifier.layers[-1]
+    last.kernel.assign(np.zeros(last.kernel.shape, "float32"))
+    last.bias.assign(np.zeros(last.bias.shape, "float32"))
+    initial_weights = model.get_weights()
     model.compile(
         optimizer=keras.optimizers.Adam(1e-3),
         loss="binary_crossentropy",
@@ -1108,10 +1168,16 @@ def train(
         validation = dataset(in_validation, augment=False)
         callbacks.append(
             keras.callbacks.EarlyStopping(
-                monitor="val_auc", mode="max", patience=8,
+                monitor="val_auc", mode="max", patience=10,
                 restore_best_weights=True,
             )
         )
+
+    def validation_auc():
+        scores = model.predict(validation, verbose=0).reshape(-1)
+        return roc_auc(validation_labels, scores)
+
+    initial_auc = validation_auc() if validation is not None else None
     history = model.fit(
         dataset(in_fit, augment=True),
         validation_data=validation,
@@ -1121,6 +1187,18 @@ def train(
         shuffle=False,  # the dataset reshuffles itself
         verbose=verbose,
     )
+    attention_path = "trained"
+    if validation is not None:
+        trained_auc = validation_auc()
+        if not trained_auc > initial_auc:
+            # Training the network did not beat its starting point (the
+            # features' logistic regression) on the validation
+            # architecture: keep the starting point.
+            model.set_weights(initial_weights)
+            attention_path = "reverted: no validation gain"
+        _say(verbose, f"Validation AUC: {initial_auc:.3f} at the start, "
+                      f"{trained_auc:.3f} trained; attention path "
+                      f"{attention_path}.")
     card = {
         "training": {
             "date": datetime.date.today().isoformat(),
@@ -1141,6 +1219,11 @@ def train(
             },
             "fit_freeze_share": positives,
             "false_freeze_cost": false_freeze_cost,
+            "validation_archs": sorted(
+                set(arrays["arch"][in_validation].tolist())
+            ),
+            "validation_auc_start": initial_auc,
+            "attention_path": attention_path,
             "epochs_run": len(history.history["loss"]),
             "keras_version": keras.__version__,
         },
@@ -1338,8 +1421,8 @@ def build_parser():
                    default=",".join(PROFILES["full"].holdout),
                    help="architectures kept out of training "
                         "(default %(default)s)")
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--hidden-units", type=int, default=256)
     p.add_argument("--embedding-units", type=int, default=64)
     p.add_argument("--classifier-units", type=int, default=32)
