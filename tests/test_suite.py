@@ -213,3 +213,13 @@ def test_quick_suite_everything(tmp_path, predictor):
     assert saved["errors"] == []
     assert len(saved["runs"]) == 4 * 4
     assert set(saved["scenarios"]) == set(suite.SCENARIOS)
+
+
+def test_target_two_needs_a_real_saving():
+    results = _fake_results()
+    for run in results["runs"]:
+        if run["method"] != "full":  # everything slower than full training
+            run["fit_seconds"] = 120.0 + run["seed"]
+    lines = report.targets(results, report.summarize(results))
+    assert ": missed" in lines[0] and ": missed" in lines[1]
+    assert "the baseline saved nothing" in lines[1]
