@@ -24,6 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import keras_hub  # noqa: E402
 import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 import keras_smartfrz  # noqa: E402
 from keras_smartfrz import datasets  # noqa: E402
@@ -75,7 +76,7 @@ def main(argv=None):
     y_test = y_test[: args.test_size]
 
     model = build_vit(num_layers=args.num_layers)
-    steps = args.epochs * max(1, len(x) // args.batch_size)
+    steps = args.epochs * -(-len(x) // args.batch_size)
     model.compile(
         optimizer=keras.optimizers.AdamW(
             keras.optimizers.schedules.CosineDecay(1e-3, steps, alpha=0.05),
@@ -91,9 +92,17 @@ def main(argv=None):
     print(f"ViT: {model.count_params() / 1e6:.2f}M parameters, "
           f"{len(keras_smartfrz.find_units(model))} freezable units; "
           f"{len(x)} images, {args.epochs} epochs.", flush=True)
+    # keras-hub tasks turn NumPy inputs into an unshuffled dataset: shuffle
+    # in a pipeline of our own, anew each epoch.
+    train = (
+        tf.data.Dataset.from_tensor_slices((x, y))
+        .shuffle(len(x), seed=args.seed)
+        .batch(args.batch_size)
+        .prefetch(tf.data.AUTOTUNE)
+    )
     start = time.perf_counter()
-    model.fit(x, y, batch_size=args.batch_size, epochs=args.epochs,
-              callbacks=[freezer], verbose=2)
+    model.fit(train, epochs=args.epochs, callbacks=[freezer], verbose=2,
+              shuffle=False)
     seconds = time.perf_counter() - start
     _, accuracy = model.evaluate(x_test, y_test, batch_size=500, verbose=0)
 
