@@ -528,8 +528,8 @@ def write(results, report_path, plots_dir):
         "```bash",
         "bash tools/setup.sh                 # data and packages, offline "
         "afterwards",
-        "python benchmarks/suite.py          # full suite: about 1.5-2 h on "
-        "2 idle cores (estimate), about twice that beside another job",
+        "python benchmarks/suite.py          # full suite: about 2 h on 2 "
+        "idle cores (estimate), 3.5-4 h beside another job",
         "python benchmarks/suite.py --quick  # smoke run, a few minutes",
         "python benchmarks/suite.py --render # this file and the plots from "
         "benchmarks/results/suite.json",
