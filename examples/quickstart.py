@@ -1,13 +1,15 @@
 """Quickstart: freeze converged layers while training a CNN on Fashion-MNIST.
 
 Trains the same Conv-BN-ReLU network twice, from the same initial weights and
-in the same data order: once with a freezing callback (layers freeze during
-`fit`, and from then on cost no gradient work), once with plain full
+in the same data order: once with `keras_smartfrz.SmartFRZ()` (layers freeze
+during `fit` when the shipped predictor finds them converged, and from then
+on cost no gradient work), once with plain full
 training. Then prints what froze at which epoch, the test accuracy of both
 runs, and their wall-clock training times as measured in this run.
 
-    python examples/quickstart.py            # defaults: 6 epochs, 20000 images
+    python examples/quickstart.py            # defaults: 8 epochs, 20000 images
     python examples/quickstart.py --jit      # with XLA (jit_compile=True)
+    python examples/quickstart.py --freezer autofreeze   # a baseline instead
 
 Fashion-MNIST is read offline from the Debian package `dataset-fashion-mnist`
 (see `keras_smartfrz.datasets.load_fashion_mnist`).
@@ -22,7 +24,6 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_smartfrz  # noqa: E402
@@ -34,14 +35,23 @@ CLASS_NAMES = (
 )
 
 
-def make_freezer():
+FREEZERS = ("smartfrz", "autofreeze", "linear")
+
+
+def make_freezer(name="smartfrz", predictor=None):
     """The freezing callback of the quickstart.
 
-    SmartFRZ's attention-based predictor is not released yet; until then the
-    AutoFreeze baseline stands in. When it lands, switching is this one line:
-    `return keras_smartfrz.SmartFRZ()`.
+    Args:
+        name: `"smartfrz"` (default): `keras_smartfrz.SmartFRZ()`, the
+            shipped predictor (or `predictor`); `"autofreeze"` or
+            `"linear"`: the baselines with their defaults.
+        predictor: a predictor path for SmartFRZ (default: the shipped one).
     """
-    return keras_smartfrz.AutoFreeze()
+    if name == "smartfrz":
+        return keras_smartfrz.SmartFRZ(predictor=predictor)
+    if name == "autofreeze":
+        return keras_smartfrz.AutoFreeze()
+    return keras_smartfrz.LinearFreezing()
 
 
 def build_model():
@@ -135,7 +145,7 @@ def parse_args(argv=None):
         description="Train a small CNN on Fashion-MNIST with and without "
         "layer freezing, from the same start, and compare."
     )
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--train-size", type=int, default=20000,
                         help="training images used, of 60000 (default 20000)")
     parser.add_argument("--batch-size", type=int, default=128)
@@ -144,6 +154,11 @@ def parse_args(argv=None):
     parser.add_argument("--jit", action="store_true",
                         help="compile the train step with XLA")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--freezer", choices=FREEZERS, default="smartfrz",
+                        help="freezing callback (default: smartfrz)")
+    parser.add_argument("--predictor", default=None,
+                        help="SmartFRZ predictor path (default: the one "
+                        "shipped in the package)")
     parser.add_argument("--data-dir", default=None,
                         help="directory with the 4 Fashion-MNIST IDX .gz files "
                         "(default: search the usual places)")
@@ -162,6 +177,13 @@ def parse_args(argv=None):
 def main(argv=None):
     """Runs the comparison and returns its results as a dict.
 
+    Example:
+
+    ```python
+    results = main(["--epochs", "2", "--train-size", "2048"])
+    print(results["frozen_layers"], results["speedup"])
+    ```
+
     Args:
         argv: command-line arguments (default: `sys.argv[1:]`).
 
@@ -169,7 +191,9 @@ def main(argv=None):
         A dict with `frozen` (list of `(epoch, layer)`, epochs 1-based),
         `frozen_layers`, `frozen_fraction`, `freeze_accuracy`,
         `full_accuracy`, `freeze_seconds`, `full_seconds`, `seconds_saved`,
-        `speedup` and the arguments used.
+        `speedup`, the freezer's `overhead_seconds` and `overhead_share` (its
+        own sampling and decision time over its training time) and the
+        arguments used.
     """
     args = parse_args(argv)
     print(f"keras {keras.__version__}, tensorflow {tf.__version__}, "
@@ -196,7 +220,7 @@ def main(argv=None):
     compile_model(full_model, args.jit)
     warm_up(x_train, y_train, args.batch_size, args.jit)
 
-    freezer = make_freezer()
+    freezer = make_freezer(args.freezer, args.predictor)
     name = type(freezer).__name__
     # Full training runs first, so any cost of running second in this
     # process falls on the freezing run rather than in its favour.
@@ -247,6 +271,13 @@ def main(argv=None):
           f"({seconds_saved / full_seconds:.1%} of full training), "
           f"speed-up x{speedup:.2f}, measured in this run only: timings on a "
           "shared machine are noisy.", flush=True)
+    overhead = freezer.overhead_seconds
+    overhead_share = (overhead["sampling"] + overhead["decision"]) / (
+        freeze_seconds
+    )
+    print(f"  {name}'s own work (weight sampling {overhead['sampling']:.2f} "
+          f"s, freezing stages {overhead['decision']:.2f} s): "
+          f"{overhead_share:.2%} of its training time.", flush=True)
 
     return {
         "freezer": name,
@@ -266,6 +297,8 @@ def main(argv=None):
         "full_epoch_seconds": full_epochs,
         "seconds_saved": seconds_saved,
         "speedup": speedup,
+        "overhead_seconds": dict(overhead),
+        "overhead_share": overhead_share,
     }
 
 

@@ -34,6 +34,9 @@ class AutoFreeze(FreezingCallback):
         verbose: 0 (default) or 1.
         log_dir: `None` (default) or a directory for TensorBoard summaries of
             the freezing stages; see `FreezingCallback`.
+        backup_dir: `None` (default) or a directory where the freezing state
+            is saved every epoch, to resume with
+            `keras.callbacks.BackupAndRestore`; see `FreezingCallback`.
 
     Example:
 
@@ -64,6 +67,7 @@ class AutoFreeze(FreezingCallback):
         frozen_batchnorm="batch_statistics",
         verbose=0,
         log_dir=None,
+        backup_dir=None,
     ):
         super().__init__(
             AutoFreezePolicy(percentile=percentile),
@@ -76,6 +80,7 @@ class AutoFreeze(FreezingCallback):
             frozen_batchnorm=frozen_batchnorm,
             verbose=verbose,
             log_dir=log_dir,
+            backup_dir=backup_dir,
         )
         self.percentile = percentile
 

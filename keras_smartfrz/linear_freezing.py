@@ -27,6 +27,9 @@ class LinearFreezing(FreezingCallback):
         verbose: 0 (default) or 1.
         log_dir: `None` (default) or a directory for TensorBoard summaries of
             the freezing stages; see `FreezingCallback`.
+        backup_dir: `None` (default) or a directory where the freezing state
+            is saved every epoch, to resume with
+            `keras.callbacks.BackupAndRestore`; see `FreezingCallback`.
 
     Example:
 
@@ -55,6 +58,7 @@ class LinearFreezing(FreezingCallback):
         frozen_batchnorm="batch_statistics",
         verbose=0,
         log_dir=None,
+        backup_dir=None,
     ):
         super().__init__(
             LinearPolicy(freeze_start=freeze_start, freeze_level=freeze_level),
@@ -64,6 +68,7 @@ class LinearFreezing(FreezingCallback):
             frozen_batchnorm=frozen_batchnorm,
             verbose=verbose,
             log_dir=log_dir,
+            backup_dir=backup_dir,
         )
         self.freeze_start = freeze_start
         self.freeze_level = freeze_level

@@ -66,6 +66,18 @@ class FreezePolicy:
     def reset(self):
         """Forgets any state kept between stages (called at `fit` start)."""
 
+    def get_state(self):
+        """The state kept between stages, as a JSON-serialisable dict.
+
+        Saved with the freezing callback's backup (`backup_dir=`) so that a
+        resumed `fit` decides as an uninterrupted one would. Stateless
+        policies return `{}` (the default).
+        """
+        return {}
+
+    def set_state(self, state):
+        """Restores a state returned by `get_state()`."""
+
     def decide(self, stage):
         raise NotImplementedError
 
@@ -168,6 +180,17 @@ class AutoFreezePolicy(FreezePolicy):
     def reset(self):
         self._previous_norms = {}
 
+    def get_state(self):
+        return {
+            "previous_norms": {
+                name: float(norm)
+                for name, norm in self._previous_norms.items()
+            }
+        }
+
+    def set_state(self, state):
+        self._previous_norms = dict(state.get("previous_norms", {}))
+
     def decide(self, stage):
         count = len(stage.unit_names)
         scores = np.zeros(count, np.float32)
@@ -176,7 +199,8 @@ class AutoFreezePolicy(FreezePolicy):
             return scores, freeze
         norms = relative_update_norm(stage.window)
         previous = np.array(
-            [self._previous_norms.get(n, np.nan) for n in stage.unit_names]
+            [self._previous_norms.get(n, np.nan) for n in stage.unit_names],
+            dtype=np.float64,  # the same whether restored (JSON) or not
         )
         self._previous_norms.update(zip(stage.unit_names, norms))
         with np.errstate(divide="ignore", invalid="ignore"):

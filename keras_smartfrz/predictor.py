@@ -524,7 +524,13 @@ def save_predictor(predictor, path, card=None):
             "normalization": NORMALIZATION,
         }
     )
-    predictor.save_weights(str(weights_file))
+    # A fresh copy holds the weights alone: a predictor trained with `fit`
+    # would also write its optimizer's state (twice its size again).
+    clean = FreezePredictor(
+        **{key: getattr(predictor, key) for key in _CONFIG_KEYS}
+    )
+    clean.set_weights(predictor.get_weights())
+    clean.save_weights(str(weights_file))
     card_file.write_text(json.dumps(full_card, indent=2, sort_keys=True))
     return weights_file, card_file
 

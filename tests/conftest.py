@@ -1,4 +1,7 @@
+import importlib.util
 import os
+import pathlib
+import sys
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -6,6 +9,38 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_script(folder, name):
+    """Imports `<repo>/<folder>/<name>.py` (an example or a benchmark)."""
+    directory = REPO / folder
+    if str(directory) not in sys.path:  # for the script's own imports
+        sys.path.insert(0, str(directory))
+    spec = importlib.util.spec_from_file_location(
+        f"{folder}_{name}", directory / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def tiny_predictor(tmp_path):
+    """A tiny untrained predictor on disk (window 4, sample 16): its path."""
+    import keras_smartfrz
+
+    path = tmp_path / "predictor"
+    keras_smartfrz.save_predictor(
+        keras_smartfrz.FreezePredictor(
+            window_size=4, sample_size=16, hidden_units=8,
+            embedding_units=4, classifier_units=4,
+        ),
+        path,
+    )
+    return str(path)
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,3 @@
-import warnings
 
 import keras
 import numpy as np
@@ -287,3 +286,27 @@ def test_stage_gives_each_candidate_its_position():
     assert first.unit_indices.tolist() == [0, 1, 2]
     assert second.unit_indices.tolist() == [1, 2]
     assert second.num_units == 4
+
+
+def test_one_compiled_sampler_per_fit_and_frozen_rows_dropped(monkeypatch):
+    import keras_smartfrz.freezing_callback as engine
+
+    built = []
+    original = engine.WeightSampler
+
+    def counting(*args, **kwargs):
+        built.append(len(args[0]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "WeightSampler", counting)
+    policy = ScriptedPolicy({0: ["d0"], 1: ["d1"]})
+    freezer = FreezingCallback(policy, window_size=4, sample_size=8)
+    fit(mlp(), [freezer], epochs=3)
+    assert built == [4]  # one gather for the whole fit, over all 4 units
+    assert freezer._sample_rows.tolist() == [2, 3]
+    # The history holds the active units only, and matches the weights.
+    window = freezer._history.window()
+    assert window.shape == (2, 4, 8)
+    np.testing.assert_array_equal(
+        window[:, -1], freezer._sampler()[[2, 3]]
+    )

@@ -6,37 +6,21 @@ predictor decides is random, so the tests check the plumbing, not accuracy.
 (`tests/test_examples.py` covers the quickstart.)
 """
 
-import importlib.util
-import pathlib
 
 import keras
 import pytest
 
-import keras_smartfrz
-
-EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+from conftest import load_script
 
 
 def _load_example(name):
-    spec = importlib.util.spec_from_file_location(
-        f"example_{name}", EXAMPLES / f"{name}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples", name)
 
 
 @pytest.fixture
-def predictor(tmp_path):
+def predictor(tiny_predictor):
     """A tiny untrained predictor on disk (window 4, sample 16)."""
-    keras_smartfrz.save_predictor(
-        keras_smartfrz.FreezePredictor(
-            window_size=4, sample_size=16, hidden_units=8,
-            embedding_units=4, classifier_units=4,
-        ),
-        tmp_path / "predictor",
-    )
-    return str(tmp_path / "predictor")
+    return tiny_predictor
 
 
 def _check_common(results, min_units):

@@ -1,30 +1,23 @@
 """Smoke tests of the example scripts, run with tiny arguments."""
 
-import importlib.util
 import math
-import pathlib
 
-EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+from conftest import load_script
 
 
 def _load_example(name):
-    spec = importlib.util.spec_from_file_location(
-        f"example_{name}", EXAMPLES / f"{name}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples", name)
 
 
 def test_quickstart_runs_and_reports(capsys):
     quickstart = _load_example("quickstart")
     results = quickstart.main(
-        ["--epochs", "2", "--train-size", "1024", "--batch-size", "128",
+        ["--epochs", "2", "--train-size", "1024", "--batch-size", "32",
          "--test-size", "1000"]
     )
     out = capsys.readouterr().out
 
-    assert results["freezer"] == "AutoFreeze"
+    assert results["freezer"] == "SmartFRZ"  # the shipped predictor
     assert results["epochs"] == 2 and results["train_size"] == 1024
     assert results["test_size"] == 1000
     for key in ("freeze_accuracy", "full_accuracy"):
@@ -42,7 +35,18 @@ def test_quickstart_runs_and_reports(capsys):
     assert all(unit in results["frozen_layers"] for unit in frozen_units)
     assert all(1 <= epoch <= 2 for epoch, _ in results["frozen"])
 
-    assert "What AutoFreeze froze" in out
+    assert 0.0 < results["overhead_share"] < 1.0
+    assert "What SmartFRZ froze" in out
     assert "Test accuracy" in out
     assert f"{results['full_accuracy']:.4f}" in out
     assert "time saved" in out
+
+
+def test_quickstart_runs_a_baseline(capsys):
+    quickstart = _load_example("quickstart")
+    results = quickstart.main(
+        ["--epochs", "2", "--train-size", "512", "--batch-size", "64",
+         "--test-size", "500", "--freezer", "autofreeze"]
+    )
+    assert results["freezer"] == "AutoFreeze"
+    assert "What AutoFreeze froze" in capsys.readouterr().out

@@ -2,7 +2,6 @@ import keras
 import numpy as np
 import pytest
 
-import keras_smartfrz
 from keras_smartfrz import FreezePredictor
 from keras_smartfrz import SmartFRZ
 from keras_smartfrz.predictor import save_predictor

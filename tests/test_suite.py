@@ -1,42 +1,19 @@
 """The benchmark suite (benchmarks/suite.py) and its report (report.py)."""
 
-import importlib.util
 import json
-import pathlib
-import sys
 
 import pytest
 
 import keras_smartfrz
+from conftest import load_script
 
-BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name):
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location(
-        f"bench_{name}", BENCHMARKS / f"{name}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-suite = _load("suite")
-report = _load("report")
+suite = load_script("benchmarks", "suite")
+report = load_script("benchmarks", "report")
 
 
 @pytest.fixture
-def predictor(tmp_path):
-    keras_smartfrz.save_predictor(
-        keras_smartfrz.FreezePredictor(
-            window_size=4, sample_size=16, hidden_units=8,
-            embedding_units=4, classifier_units=4,
-        ),
-        tmp_path / "predictor",
-    )
-    return str(tmp_path / "predictor")
+def predictor(tiny_predictor):
+    return tiny_predictor
 
 
 def test_sizes_cover_every_scenario_in_both_profiles():

@@ -1,28 +1,13 @@
 """The benchmark suite's analytic FLOPs counter, against hand-computed numbers."""
 
-import importlib.util
-import pathlib
-import sys
 
 import keras
 import pytest
 import tensorflow as tf
 
-BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import load_script
 
-
-def _load(name):
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location(
-        f"bench_{name}", BENCHMARKS / f"{name}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-flops_lib = _load("training_flops")
+flops_lib = load_script("benchmarks", "training_flops")
 
 
 def _paths(model, *names):

