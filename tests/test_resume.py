@@ -174,9 +174,14 @@ def test_policy_state_round_trips_through_json():
 
 
 # ------------------------------------------------------- model.save and load
+def short(variables):
+    return ["/".join(v.path.split("/")[-2:]) for v in variables]
+
+
 def freeze_two(model, frozen_batchnorm):
     callback = keras_smartfrz.LinearFreezing(
-        freeze_start=0.0, frozen_batchnorm=frozen_batchnorm)
+        freeze_start=0.0, freeze_level=0.7,
+        frozen_batchnorm=frozen_batchnorm)
     x, y = toy_data(64)
     model.fit(x, y, batch_size=16, epochs=2, callbacks=[callback], verbose=0)
     assert callback.frozen_units == ["mlp/d0", "mlp/d1"]
@@ -188,18 +193,26 @@ def test_saved_model_keeps_frozen_layers_frozen_in_inference_mode(tmp_path):
     freeze_two(model, "inference")
     path = str(tmp_path / "model.keras")
     model.save(path)
-    loaded = keras.saving.load_model(path)
+    # Keras builds the loaded optimizer over the trainable variables only,
+    # so the saved optimizer slots (built over all of them) are skipped
+    # with a warning: the weights and the frozen flags load, the
+    # optimizer's moments do not (a Keras limitation; BackupAndRestore and
+    # save_weights keep them).
+    with pytest.warns(UserWarning, match="Skipping variable loading"):
+        loaded = keras.saving.load_model(path)
     frozen = {l.name for l in loaded.layers if not l.trainable}
     assert frozen == {"d0", "bn0", "d1", "bn1"}
-    assert [v.path for v in loaded.trainable_weights] == [
-        v.path for v in model.trainable_weights]
+    assert short(loaded.trainable_weights) == short(model.trainable_weights)
     x, y = toy_data(32)
     before = weights(loaded)
     loaded.fit(x, y, epochs=1, verbose=0)  # trains, frozen layers unchanged
     after = weights(loaded)
+    checked = 0
     for v, a, b in zip(loaded.weights, before, after):
-        if v.path.split("/")[1] in ("d0", "d1"):
+        if v.path.split("/")[-2] in ("d0", "d1"):
             np.testing.assert_array_equal(a, b)
+            checked += 1
+    assert checked == 4
 
 
 def test_saved_model_in_batch_statistics_mode_needs_the_freeze_reapplied(
@@ -213,12 +226,19 @@ def test_saved_model_in_batch_statistics_mode_needs_the_freeze_reapplied(
     callback = freeze_two(model, "batch_statistics")
     path = str(tmp_path / "model.keras")
     model.save(path)
-    loaded = keras.saving.load_model(path)
+    # Keras builds the loaded optimizer over the trainable variables only,
+    # so the saved optimizer slots (built over all of them) are skipped
+    # with a warning: the weights and the frozen flags load, the
+    # optimizer's moments do not (a Keras limitation; BackupAndRestore and
+    # save_weights keep them).
+    with pytest.warns(UserWarning, match="Skipping variable loading"):
+        loaded = keras.saving.load_model(path)
     assert not loaded.get_layer("d0").trainable
     assert loaded.get_layer("bn0").gamma.trainable  # the limitation
-    keras_smartfrz.freeze_layers(loaded, callback.frozen_layers)
-    assert [v.path for v in loaded.trainable_weights] == [
-        v.path for v in model.trainable_weights]
+    # A loaded model's layer paths lose the model prefix: reapply by name.
+    keras_smartfrz.freeze_layers(
+        loaded, [p.split("/")[-1] for p in callback.frozen_layers])
+    assert short(loaded.trainable_weights) == short(model.trainable_weights)
 
 
 def test_model_checkpoint_after_freezing(tmp_path):
