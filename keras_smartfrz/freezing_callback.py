@@ -217,11 +217,21 @@ class FreezingCallback(keras.callbacks.Callback):
         self._epoch_start_step = 0
         self._warned_nonfinite = set()
         self._restore_pending = False
+        self._setup_pending = False
 
     # ------------------------------------------------------------------ fit
     def on_train_begin(self, logs=None):
         self._reset_state()
         self.policy.reset()
+        if not self.model.built or not self.model.weights:
+            # A subclassed model fit without being built first gets its
+            # variables in the first train step: set up after it.
+            self._setup_pending = True
+            return
+        self._setup()
+
+    def _setup(self):
+        self._setup_pending = False
         self.units = find_units(self.model)
         self._unit_index = {id(u): i for i, u in enumerate(self.units)}
         if len(self.units) < 2:
@@ -256,7 +266,7 @@ class FreezingCallback(keras.callbacks.Callback):
         self._restore_pending = self.backup_dir is not None
 
     def on_epoch_begin(self, epoch, logs=None):
-        if self._restore_pending:
+        if self._restore_pending and not self._setup_pending:
             self._restore_pending = False
             self._restore_backup(epoch)
         self._epoch_start_step = self._step
@@ -267,6 +277,8 @@ class FreezingCallback(keras.callbacks.Callback):
         # `batch` is the index of the last step run (several with
         # steps_per_execution > 1); this is the only per-step Python work.
         self._step = self._epoch_start_step + batch + 1
+        if self._setup_pending:
+            self._setup()
         if self._cadence is not None and self._cadence.due(self._step):
             start = time.perf_counter()
             self._history.append(self._sampler()[self._sample_rows])
