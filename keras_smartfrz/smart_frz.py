@@ -49,6 +49,9 @@ class SmartFRZ(FreezingCallback):
         verbose: 0 (default) or 1 (print each freeze).
         log_dir: `None` (default) or a directory for TensorBoard summaries of
             the freezing stages; see `FreezingCallback`.
+        backup_dir: `None` (default) or a directory where the freezing state
+            is saved every epoch, to resume with
+            `keras.callbacks.BackupAndRestore`; see `FreezingCallback`.
 
     Example:
 
@@ -78,6 +81,7 @@ class SmartFRZ(FreezingCallback):
         frozen_batchnorm="batch_statistics",
         verbose=0,
         log_dir=None,
+        backup_dir=None,
     ):
         policy = PredictorPolicy(predictor, freeze_threshold=freeze_threshold)
         super().__init__(
@@ -91,6 +95,7 @@ class SmartFRZ(FreezingCallback):
             frozen_batchnorm=frozen_batchnorm,
             verbose=verbose,
             log_dir=log_dir,
+            backup_dir=backup_dir,
         )
         self.predictor = predictor
         self.freeze_threshold = freeze_threshold

@@ -100,3 +100,12 @@ def test_invalid_arguments_name_the_value(kwargs, shown):
     kwargs.setdefault("predictor", constant_predictor(0.9))
     with pytest.raises(ValueError, match=shown):
         SmartFRZ(**kwargs)
+
+
+def test_backup_dir_is_passed_and_serialized(tmp_path):
+    freezer = SmartFRZ(backup_dir=str(tmp_path))
+    assert freezer.backup_dir == str(tmp_path)
+    restored = SmartFRZ.from_config(freezer.get_config())
+    assert restored.backup_dir == str(tmp_path)
+    with pytest.raises(ValueError, match="backup_dir=42"):
+        SmartFRZ(backup_dir=42)
