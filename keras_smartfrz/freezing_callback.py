@@ -9,6 +9,7 @@ import warnings
 import keras
 import numpy as np
 
+from keras_smartfrz import caching
 from keras_smartfrz import freezing
 from keras_smartfrz import policies
 from keras_smartfrz import summaries
@@ -20,7 +21,7 @@ from keras_smartfrz.units import find_units
 
 MODES = ("prefix", "any")
 BACKUP_FILENAME = "smartfrz_state.npz"
-BACKUP_FORMAT = 1
+BACKUP_FORMAT = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +93,9 @@ class FreezingCallback(keras.callbacks.Callback):
     in this `fit`: `"sampling"` (the snapshots), `"decision"` (the freezing
     stages, policy and rebuild) and `"freezing"` (the rebuild alone, part of
     `"decision"`; the retrace it causes happens in the next train step and
-    is not counted).
+    is not counted) and `"caching"` (finding the cut and managing the
+    activation cache when `cache_activations=True`; filling it happens
+    inside the train steps and is not counted).
 
     Args:
         policy: a `keras_smartfrz.policies.FreezePolicy`.
@@ -127,8 +130,34 @@ class FreezingCallback(keras.callbacks.Callback):
             the frozen layers are frozen again before the first step, and
             training continues to the same decisions as an uninterrupted
             run. The state is deleted when `fit` finishes. A state that does
-            not match the model, the callback's arguments or the resumed
-            epoch is ignored with a warning.
+            not match the model, the callback's arguments or the weights
+            `BackupAndRestore` restored is ignored with a warning. Under
+            `tf.distribute.MultiWorkerMirroredStrategy` only the chief writes
+            to `backup_dir` (the other workers use a temporary directory
+            inside it) and every worker restores the chief's state.
+        backup_freq: `"epoch"` (default) or an integer N: also save the
+            state every N batches, after the same batches as
+            `keras.callbacks.BackupAndRestore(save_freq=N)` saves the
+            weights. Give both the same value.
+        cache_activations: `False` (default) or `True`: once a front part
+            of the model is frozen, keep its output for every training
+            example and train the rest of the model on it, so later epochs
+            skip the frozen part's forward pass too. It needs a Sequential
+            or Functional model, `frozen_batchnorm="inference"`, nothing
+            random in the frozen part, and an input pipeline that gives the
+            same examples every epoch (shuffling is fine, random
+            augmentation is not); where that does not hold it stays off and
+            a warning says why. The epoch after a freeze fills the cache.
+            `cache_info` reports what it did. See `keras_smartfrz.caching`.
+        cache_budget_bytes: the largest cache allowed, in bytes (default
+            1 GiB). It holds one epoch's examples; a bigger cache is not
+            made (a warning gives the size it would need).
+        release_optimizer_state: `False` (default) or `True`: when layers
+            freeze, free their weights' optimizer slots (e.g. Adam's
+            moments); the other weights' state is untouched. A frozen layer
+            made trainable again afterwards then needs a new optimizer.
+            Not with `backup_dir` (a resumed run would lose the optimizer
+            state). See `keras_smartfrz.release_optimizer_state`.
 
     Example:
 
@@ -153,6 +182,10 @@ class FreezingCallback(keras.callbacks.Callback):
         verbose=0,
         log_dir=None,
         backup_dir=None,
+        cache_activations=False,
+        cache_budget_bytes=2**30,
+        release_optimizer_state=False,
+        backup_freq="epoch",
     ):
         super().__init__()
         freezing.require_tensorflow_backend()
@@ -182,6 +215,35 @@ class FreezingCallback(keras.callbacks.Callback):
             )
         _check_path("log_dir", log_dir)
         _check_path("backup_dir", backup_dir)
+        for name, value in (
+            ("cache_activations", cache_activations),
+            ("release_optimizer_state", release_optimizer_state),
+        ):
+            if not isinstance(value, (bool, np.bool_)):
+                raise ValueError(
+                    f"`{name}` must be True or False; received "
+                    f"{name}={value!r}."
+                )
+        _check_positive_int("cache_budget_bytes", cache_budget_bytes)
+        if release_optimizer_state and backup_dir is not None:
+            raise ValueError(
+                "`release_optimizer_state=True` cannot be combined with "
+                "`backup_dir`: keras.callbacks.BackupAndRestore skips loading "
+                "an optimizer whose frozen weights' state was released, so a "
+                "resumed run would lose the optimizer state. Received "
+                f"release_optimizer_state={release_optimizer_state!r} and "
+                f"backup_dir={backup_dir!r}."
+            )
+        if backup_freq != "epoch" and (
+            isinstance(backup_freq, bool)
+            or not isinstance(backup_freq, (int, np.integer))
+            or backup_freq < 1
+        ):
+            raise ValueError(
+                "`backup_freq` must be 'epoch' or an integer >= 1 (the "
+                "`save_freq` of keras.callbacks.BackupAndRestore); received "
+                f"backup_freq={backup_freq!r}."
+            )
         self.policy = policy
         self.mode = mode
         self.min_epochs = min_epochs
@@ -193,13 +255,28 @@ class FreezingCallback(keras.callbacks.Callback):
         self.verbose = int(verbose)
         self.log_dir = log_dir
         self.backup_dir = backup_dir
+        self.cache_activations = bool(cache_activations)
+        self.cache_budget_bytes = int(cache_budget_bytes)
+        self.release_optimizer_state = bool(release_optimizer_state)
+        self._backup_freq = backup_freq
         self._summaries = None
+        self._cache = None
         self._reset_state()
 
     def _reset_state(self):
         if self._summaries is not None:
             self._summaries.close()
         self._summaries = None
+        if self._cache is not None:
+            self._cache.release()
+        self._cache = None
+        self._cache_off = None
+        self._epoch_samples = None
+        self._cache_warned = set()
+        self.cache_info = {"status": "off", "reason": "not requested",
+                           "cut": None, "bytes": 0, "hits": [],
+                           "misses": []}
+        self.optimizer_bytes_released = 0
         self.units = []
         self.frozen_layers = []
         self.frozen_units = []
@@ -208,7 +285,7 @@ class FreezingCallback(keras.callbacks.Callback):
         self._positions = {}
         self._unit_index = {}
         self.overhead_seconds = {"sampling": 0.0, "decision": 0.0,
-                                 "freezing": 0.0}
+                                 "freezing": 0.0, "caching": 0.0}
         self._sampler = None
         self._sample_rows = None
         self._history = None
@@ -218,6 +295,7 @@ class FreezingCallback(keras.callbacks.Callback):
         self._warned_nonfinite = set()
         self._restore_pending = False
         self._setup_pending = False
+        self._reset_backup_schedule()
 
     # ------------------------------------------------------------------ fit
     def on_train_begin(self, logs=None):
@@ -242,6 +320,15 @@ class FreezingCallback(keras.callbacks.Callback):
                 stacklevel=2,
             )
         self._active = list(self.units)
+        if self.cache_activations:
+            self._cache_off = caching.static_refusal(self.model)
+            if self._cache_off is None and not (self.params or {}).get(
+                "steps"
+            ):
+                self._cache_off = "the number of steps per epoch is unknown"
+            self.cache_info["reason"] = self._cache_off or "nothing frozen yet"
+            if self._cache_off is not None:
+                self._warn_cache(self._cache_off)
         if self.log_dir is not None:
             self._summaries = summaries.StageSummaryWriter(
                 self.log_dir,
@@ -269,6 +356,7 @@ class FreezingCallback(keras.callbacks.Callback):
         if self._restore_pending and not self._setup_pending:
             self._restore_pending = False
             self._restore_backup(epoch)
+        self._begin_backup_epoch(epoch)
         self._epoch_start_step = self._step
         if self._summaries is not None:
             self._summaries.begin_epoch(epoch)
@@ -279,12 +367,33 @@ class FreezingCallback(keras.callbacks.Callback):
         self._step = self._epoch_start_step + batch + 1
         if self._setup_pending:
             self._setup()
+        if (
+            self.cache_activations
+            and self._cache_off is None
+            and batch + 1 >= self.params["steps"]
+        ):
+            # Once per epoch: examples seen this epoch (the loss tracker
+            # counts them; validation resets it before on_epoch_end).
+            self._epoch_samples = int(self.model._loss_tracker.count.numpy())
         if self._cadence is not None and self._cadence.due(self._step):
             start = time.perf_counter()
             self._history.append(self._sampler()[self._sample_rows])
             self.overhead_seconds["sampling"] += time.perf_counter() - start
+        self._backup_in_epoch(batch)
 
     def on_epoch_end(self, epoch, logs=None):
+        if self._cache is not None:
+            start = time.perf_counter()
+            reason = self._cache.end_epoch()
+            self.cache_info.update(
+                status="filling" if self._cache.filling else "active",
+                hits=list(self._cache.hits), misses=list(self._cache.misses),
+            )
+            if reason is not None:
+                self._cache_off = reason
+                self._set_cache(None, reason)
+                freezing.rebuild_train_step(self.model)
+            self.overhead_seconds["caching"] += time.perf_counter() - start
         if self._cadence is not None and self._cadence.steps_per_stage is None:
             steps_in_epoch = self._step - self._epoch_start_step
             self._cadence.set_steps_per_stage(
@@ -305,15 +414,17 @@ class FreezingCallback(keras.callbacks.Callback):
             self._save_backup(epoch + 1)
 
     def on_train_end(self, logs=None):
+        if self._cache is not None:
+            # The user's model gets its own train step back.
+            self._set_cache(None, "fit ended")
+            freezing.rebuild_train_step(self.model)
         if self._summaries is not None:
             self._summaries.close()
             self._summaries = None
         if self.backup_dir is not None:
             # `fit` finished (an exception skips on_train_end): as
             # BackupAndRestore, forget the state.
-            for path in self._backup_paths():
-                if os.path.exists(path):
-                    os.remove(path)
+            self._delete_backup()
 
     # ------------------------------------------------------------ decisions
     @property
@@ -388,8 +499,14 @@ class FreezingCallback(keras.callbacks.Callback):
         layers = [layer for unit in units for layer in unit.layers]
         start = time.perf_counter()
         freezing.freeze_layers(
-            self.model, layers, frozen_batchnorm=self.frozen_batchnorm
+            self.model, layers, frozen_batchnorm=self.frozen_batchnorm,
+            rebuild=False,
         )
+        if self.release_optimizer_state:
+            self._release_optimizer_state(layers)
+        if self.cache_activations and self._cache_off is None:
+            self._update_cache()
+        freezing.rebuild_train_step(self.model)
         # Counted in "decision" too (it runs inside the stage); kept apart
         # here so the rebuild's share can be told from the policy's.
         self.overhead_seconds["freezing"] += time.perf_counter() - start
@@ -410,6 +527,77 @@ class FreezingCallback(keras.callbacks.Callback):
                 f"({len(self.frozen_units)}/{len(self.units)} units frozen)."
             )
 
+    # -------------------------------------------------------------- caching
+    def _warn_cache(self, reason):
+        if reason not in self._cache_warned:
+            self._cache_warned.add(reason)
+            warnings.warn(
+                f"{type(self).__name__}: activation caching is off: {reason}.",
+                stacklevel=3,
+            )
+
+    def _set_cache(self, cache, reason=None):
+        """Installs `cache`'s train step on the model, or removes ours."""
+        if self._cache is not None:
+            self._cache.release()
+        self._cache = cache
+        if cache is None:
+            if "train_step" in vars(self.model):
+                del self.model.train_step
+            self.cache_info.update(status="off", reason=reason)
+            if reason != "fit ended":
+                self.cache_info["bytes"] = 0
+            if reason not in (None, "fit ended"):
+                self._warn_cache(reason)
+        else:
+            self.model.train_step = cache.train_step
+            self.cache_info.update(
+                status="filling", reason=None, cut=cache.layer.name,
+                bytes=cache.nbytes, hits=[], misses=[],
+            )
+
+    def _update_cache(self):
+        """After a freeze (before the rebuild): cache at the deepest cut."""
+        start = time.perf_counter()
+        try:
+            cut = caching.find_cut(self.model)
+        except caching.CacheRefused as refusal:
+            if self._cache is not None:
+                self._set_cache(None, str(refusal))
+            else:
+                self.cache_info["reason"] = str(refusal)
+            self.overhead_seconds["caching"] += time.perf_counter() - start
+            return
+        if self._cache is not None and self._cache.layer is cut[0]:
+            return  # the cut did not move: keep the cache
+        if not self._epoch_samples:
+            self.cache_info["reason"] = "no complete epoch counted yet"
+            return
+        needed = self._epoch_samples * caching.example_bytes(cut[1])
+        if needed > self.cache_budget_bytes:
+            self._set_cache(
+                None,
+                f"caching the output of '{cut[0].name}' for "
+                f"{self._epoch_samples} examples needs {needed} bytes, over "
+                f"cache_budget_bytes={self.cache_budget_bytes}",
+            )
+        else:
+            self._set_cache(caching.ActivationCache(
+                self.model, cut, self._epoch_samples, seed=self.seed
+            ))
+        self.overhead_seconds["caching"] += time.perf_counter() - start
+
+    def _release_optimizer_state(self, layers):
+        from keras_smartfrz.optimizer_state import release_optimizer_state
+
+        optimizer = getattr(self.model, "optimizer", None)
+        if optimizer is None:
+            return
+        variables = [v for layer in layers for v in layer.weights]
+        self.optimizer_bytes_released += release_optimizer_state(
+            optimizer, variables
+        )
+
     def _start_sampling(self):
         self._sampler = WeightSampler(
             self._active, [self._positions[u.name] for u in self._active]
@@ -420,11 +608,101 @@ class FreezingCallback(keras.callbacks.Callback):
         )
 
     # --------------------------------------------------------------- backup
-    def _backup_paths(self):
+    # Saving the state inside epochs too, where
+    # `keras.callbacks.BackupAndRestore(save_freq=N)` saves the weights:
+    # "epoch" (the default: at epoch ends only) or N, the same integer as
+    # BackupAndRestore's `save_freq` (a callback cannot see the others in
+    # `fit`, so it is not read from there).
+    def _reset_backup_schedule(self):
+        # BackupAndRestore's batch counters, new in every `fit`.
+        self._batches_since_backup = 0
+        self._last_backup_batch = 0
+        self._backup_epoch = None
+
+    def _begin_backup_epoch(self, epoch):
+        self._backup_epoch = epoch
+        # BackupAndRestore resets it at each epoch end, and it starts at 0.
+        self._last_backup_batch = 0
+
+    def _backup_due(self, batch):
+        """Whether `BackupAndRestore(save_freq=self._backup_freq)` saves after
+        `batch`: its own count (Keras 3.15 `_should_save_on_batch`), so both
+        save after the same train step, with `steps_per_execution` too."""
+        if batch <= self._last_backup_batch:  # a new epoch
+            self._batches_since_backup += batch + 1
+        else:
+            self._batches_since_backup += batch - self._last_backup_batch
+        self._last_backup_batch = batch
+        if self._batches_since_backup >= self._backup_freq:
+            self._batches_since_backup = 0
+            return True
+        return False
+
+    def _backup_in_epoch(self, batch):
+        """At a batch end: saves the state where BackupAndRestore does."""
+        if self.backup_dir is None or self._backup_freq == "epoch":
+            return
+        if (
+            self._backup_due(batch)
+            and not self._setup_pending
+            and not self._restore_pending
+            and self._backup_epoch is not None
+        ):
+            # BackupAndRestore resumes a backup taken inside an epoch at the
+            # start of that epoch: it restores the weights, not the batch.
+            self._save_backup(self._backup_epoch, batch=batch)
+
+    def _worker_role(self):
+        """`(is_chief, temporary_directory_name)` under `tf.distribute`.
+
+        Every process is the chief, except in multi-worker training
+        (`tf.distribute.MultiWorkerMirroredStrategy` over a cluster): there
+        the chief is the worker `strategy.extended.should_checkpoint` names,
+        and the others are given `workertemp_<task_id>`, as tf.keras'
+        `distributed_file_utils` did (Keras 3 has no such utility).
+        """
+        strategy = getattr(self.model, "distribute_strategy", None)
+        extended = getattr(strategy, "extended", None)
+        try:
+            multi_worker = bool(extended._in_multi_worker_mode())
+        except Exception:  # no tf.distribute strategy here
+            multi_worker = False
+        if not multi_worker:
+            return True, None
+        task_id = getattr(getattr(strategy, "cluster_resolver", None),
+                          "task_id", None)
+        if task_id is None:
+            task_id = getattr(extended, "_task_id", 0)
+        return bool(extended.should_checkpoint), f"workertemp_{task_id}"
+
+    def _backup_paths(self, of_chief=False):
         """The latest state and the one before it (kept for a crash between
-        this callback's save and BackupAndRestore's at the same epoch end)."""
-        path = os.path.join(os.fspath(self.backup_dir), BACKUP_FILENAME)
+        this callback's save and BackupAndRestore's after the same step).
+
+        This worker's own files (a worker other than the chief writes in its
+        temporary directory in `backup_dir`), or with `of_chief` the chief's,
+        which every worker restores from."""
+        directory = os.fspath(self.backup_dir)
+        if not of_chief:
+            is_chief, temporary = self._worker_role()
+            if not is_chief:
+                directory = os.path.join(directory, temporary)
+        path = os.path.join(directory, BACKUP_FILENAME)
         return path, path + ".bkp"
+
+    def _delete_backup(self):
+        """`fit` finished (an exception skips this): as BackupAndRestore,
+        forget the state; a worker other than the chief removes its
+        temporary directory."""
+        for path in self._backup_paths():
+            if os.path.exists(path):
+                os.remove(path)
+        is_chief, temporary = self._worker_role()
+        if not is_chief:
+            import shutil
+
+            shutil.rmtree(os.path.join(os.fspath(self.backup_dir), temporary),
+                          ignore_errors=True)
 
     def _fingerprint(self):
         return {
@@ -439,11 +717,38 @@ class FreezingCallback(keras.callbacks.Callback):
             "frozen_batchnorm": self.frozen_batchnorm,
         }
 
-    def _save_backup(self, next_epoch):
-        """Writes the state `fit` needs to resume at `next_epoch`."""
+    def _weights_key(self):
+        """`[optimizer iterations, CRC-32 of the head unit's weights]`.
+
+        Saved with the state and compared when restoring, so the state
+        restored is the one saved with the very weights BackupAndRestore
+        restored (the head trains at every step, so its weights tell two
+        steps apart even where `iterations` does not count steps: loss-scale
+        skips, gradient accumulation)."""
+        import zlib
+
+        optimizer = getattr(self.model, "optimizer", None)
+        iterations = None
+        if optimizer is not None:
+            iterations = int(keras.ops.convert_to_numpy(optimizer.iterations))
+        digest = 0
+        if self.units:
+            for layer in self.units[-1].layers:
+                for variable in layer.weights:
+                    value = np.ascontiguousarray(
+                        keras.ops.convert_to_numpy(variable))
+                    digest = zlib.crc32(value.tobytes(), digest)
+        return [iterations, digest]
+
+    def _save_backup(self, next_epoch, batch=None):
+        """Writes the state `fit` needs to resume at `next_epoch` with the
+        model's current weights; `batch` is the batch of `next_epoch` it is
+        saved after, or None at an epoch end."""
         meta = {
             "format": BACKUP_FORMAT,
             "next_epoch": int(next_epoch),
+            "batch": None if batch is None else int(batch),
+            "weights_key": self._weights_key(),
             "fingerprint": self._fingerprint(),
             "frozen_units": list(self.frozen_units),
             "frozen_layers": list(self.frozen_layers),
@@ -477,10 +782,14 @@ class FreezingCallback(keras.callbacks.Callback):
             arrays = {k: data[k] for k in data.files if k != "meta"}
         return meta, arrays
 
-    def _restore_backup(self, epoch):
-        """Restores the state saved for `epoch`, if there is one."""
+    def _read_backups(self):
+        """`(path, meta, arrays)` of every readable state, newest first: the
+        chief's, then this worker's own copies (a worker other than the
+        chief falls back on them when it cannot see the chief's files)."""
+        paths = list(self._backup_paths(of_chief=True))
+        paths += [p for p in self._backup_paths() if p not in paths]
         found = []
-        for path in self._backup_paths():
+        for path in paths:
             if not os.path.exists(path):
                 continue
             try:
@@ -489,32 +798,90 @@ class FreezingCallback(keras.callbacks.Callback):
                 warnings.warn(
                     f"{type(self).__name__}: cannot read the freezing state "
                     f"'{path}' ({error}); it is ignored.",
-                    stacklevel=2,
+                    stacklevel=3,
                 )
                 continue
-            found.append(meta.get("next_epoch"))
-            if meta.get("next_epoch") == epoch:
-                break
-        else:
-            if found:
-                warnings.warn(
-                    f"{type(self).__name__}: the freezing state in "
-                    f"'{self.backup_dir}' was saved to resume at epoch(s) "
-                    f"{found}, but `fit` starts at epoch {epoch}; it is "
-                    "ignored and freezing starts afresh. Use "
-                    "keras.callbacks.BackupAndRestore to resume.",
-                    stacklevel=2,
-                )
-            return False
-        if meta.get("format") != BACKUP_FORMAT or (
-            meta.get("fingerprint") != self._fingerprint()
-        ):
+            found.append((path, meta, arrays))
+        return found
+
+    def _restore_backup(self, epoch):
+        """Restores the state saved with the model's current weights (those
+        BackupAndRestore restored), if there is one; `epoch` is the one `fit`
+        starts at. Under multi-worker training, checks that every worker
+        restored the same state."""
+        chosen = None
+        try:
+            chosen = self._choose_backup(epoch)
+            if chosen is not None:
+                self._apply_backup(epoch, *chosen)
+        finally:
+            # Every worker takes part, or the others would wait forever.
+            self._check_workers_agree(None if chosen is None else chosen[1])
+        return chosen is not None
+
+    def _choose_backup(self, epoch):
+        found = self._read_backups()
+        if not found:
+            return None
+        fingerprint = self._fingerprint()
+        usable = [
+            (path, meta, arrays) for path, meta, arrays in found
+            if meta.get("format") == BACKUP_FORMAT
+            and meta.get("fingerprint") == fingerprint
+        ]
+        if not usable:
             warnings.warn(
-                f"{type(self).__name__}: the freezing state '{path}' was "
-                "saved for another model or other arguments; it is ignored.",
-                stacklevel=2,
+                f"{type(self).__name__}: the freezing state '{found[0][0]}' "
+                "was saved for another model or other arguments (or by "
+                "another version of keras_smartfrz); it is ignored.",
+                stacklevel=3,
             )
-            return False
+            return None
+        key = self._weights_key()
+        same = [s for s in usable if s[1].get("weights_key") == key]
+        for state in same:
+            if state[1]["next_epoch"] == epoch:
+                return state
+        if same:
+            state = same[0]
+            warnings.warn(
+                f"{type(self).__name__}: `fit` resumes at epoch {epoch}, but "
+                f"the freezing state saved with the model's weights "
+                f"('{state[0]}') was saved in epoch {state[1]['next_epoch']}"
+                ". (Keras' BackupAndRestore with an integer `save_freq` "
+                "records epoch 0 for a backup taken in the first epoch of a "
+                "resumed `fit`, and restarts training from there.) The "
+                "state is restored.",
+                stacklevel=3,
+            )
+            return state
+        epochs = [meta.get("next_epoch") for _, meta, _ in usable]
+        if epoch not in epochs:
+            warnings.warn(
+                f"{type(self).__name__}: the freezing state in "
+                f"'{self.backup_dir}' was saved to resume at epoch(s) "
+                f"{epochs}, but `fit` starts at epoch {epoch}; it is "
+                "ignored and freezing starts afresh. Use "
+                "keras.callbacks.BackupAndRestore to resume.",
+                stacklevel=3,
+            )
+        else:
+            saved = [meta.get("weights_key") for _, meta, _ in usable]
+            warnings.warn(
+                f"{type(self).__name__}: no freezing state in "
+                f"'{self.backup_dir}' was saved with the weights the model "
+                f"resumes with ([optimizer iterations, digest] {key}; saved: "
+                f"{saved}); it is ignored and freezing starts afresh. Either "
+                "the weights were not restored by BackupAndRestore, or it "
+                "saved them at other steps than this callback (with "
+                "`save_freq=N`, give the freezing callback `backup_freq=N` "
+                "too), or the process stopped between the two "
+                "callbacks' saves.",
+                stacklevel=3,
+            )
+        return None
+
+    def _apply_backup(self, epoch, path, meta, arrays):
         by_name = {u.name: u for u in self.units}
         units = [by_name[name] for name in meta["frozen_units"]]
         if units:
@@ -533,6 +900,9 @@ class FreezingCallback(keras.callbacks.Callback):
         self.frozen_layers = list(meta["frozen_layers"])
         self._active = [u for u in self.units if u.name not in frozen]
         self.decisions = [FreezeDecision(**d) for d in meta["decisions"]]
+        # The steps done when the state was saved: a backup taken inside an
+        # epoch resumes at the epoch's first batch, so that epoch's steps
+        # count again, as they train again.
         self._step = int(meta["step"])
         self._warned_nonfinite = set(meta["warned_nonfinite"])
         if self._history is not None and "history" in arrays:
@@ -543,12 +913,51 @@ class FreezingCallback(keras.callbacks.Callback):
             vars(self._cadence).update(meta["cadence"])
         self.policy.set_state(meta["policy_state"])
         if self.verbose:
+            after = "" if meta.get("batch") is None else (
+                f" (saved after batch {meta['batch'] + 1} of epoch "
+                f"{meta['next_epoch'] + 1})")
             print(
                 f"\nEpoch {epoch + 1}: {type(self).__name__} restored "
                 f"{len(self.frozen_units)}/{len(self.units)} frozen units "
-                f"from '{path}'."
+                f"from '{path}'{after}."
             )
-        return True
+
+    def _check_workers_agree(self, meta):
+        """Under multi-worker training, stops every worker with an error if
+        they did not all restore the same state: they would train different
+        variables and the all-reduce would mix or hang."""
+        if self._worker_role()[1] is None:
+            return
+        import zlib
+
+        if meta is None:
+            outcome = [0, -1, -1, 0]
+        else:
+            outcome = [
+                1, int(meta["next_epoch"]), int(meta["step"]),
+                zlib.crc32(json.dumps(meta["frozen_units"]).encode()),
+            ]
+        every = self._gather_from_workers(outcome)
+        if not (every == every[:1]).all():
+            rows = sorted({tuple(int(v) for v in row) for row in every})
+            raise RuntimeError(
+                f"{type(self).__name__}: the workers restored different "
+                "freezing states ([restored, epoch, step, frozen-set CRC] "
+                f"found: {rows}). Every worker restores the chief's "
+                f"state from '{self.backup_dir}': put `backup_dir` on a "
+                "filesystem every worker shares, and give every worker the "
+                "same callbacks."
+            )
+
+    def _gather_from_workers(self, row):
+        """Every replica's `row` of integers (an all-gather), in every
+        worker."""
+        import tensorflow as tf
+
+        strategy = self.model.distribute_strategy
+        return strategy.gather(
+            strategy.run(lambda: tf.constant([row], tf.int64)), axis=0
+        ).numpy()
 
     def get_config(self):
         return {
@@ -564,6 +973,10 @@ class FreezingCallback(keras.callbacks.Callback):
             "log_dir": (
                 None if self.log_dir is None else os.fspath(self.log_dir)
             ),
+            "cache_activations": self.cache_activations,
+            "cache_budget_bytes": self.cache_budget_bytes,
+            "release_optimizer_state": self.release_optimizer_state,
+            "backup_freq": self._backup_freq,
             **(
                 {}
                 if self.backup_dir is None

@@ -30,6 +30,16 @@ class LinearFreezing(FreezingCallback):
         backup_dir: `None` (default) or a directory where the freezing state
             is saved every epoch, to resume with
             `keras.callbacks.BackupAndRestore`; see `FreezingCallback`.
+        cache_activations: `True` to train on the cached outputs of the
+            frozen front of the model once it freezes (default `False`);
+            see `keras_smartfrz.FreezingCallback`.
+        cache_budget_bytes: the largest activation cache allowed, in
+            bytes (default 1 GiB).
+        release_optimizer_state: `True` to free frozen weights' optimizer
+            slots (default `False`); see
+            `keras_smartfrz.release_optimizer_state`.
+        backup_freq: `"epoch"` (default) or the `save_freq` N of
+            `keras.callbacks.BackupAndRestore`; see `FreezingCallback`.
 
     Example:
 
@@ -59,6 +69,10 @@ class LinearFreezing(FreezingCallback):
         verbose=0,
         log_dir=None,
         backup_dir=None,
+        cache_activations=False,
+        cache_budget_bytes=2**30,
+        release_optimizer_state=False,
+        backup_freq="epoch",
     ):
         super().__init__(
             LinearPolicy(freeze_start=freeze_start, freeze_level=freeze_level),
@@ -69,6 +83,10 @@ class LinearFreezing(FreezingCallback):
             verbose=verbose,
             log_dir=log_dir,
             backup_dir=backup_dir,
+            cache_activations=cache_activations,
+            cache_budget_bytes=cache_budget_bytes,
+            release_optimizer_state=release_optimizer_state,
+            backup_freq=backup_freq,
         )
         self.freeze_start = freeze_start
         self.freeze_level = freeze_level

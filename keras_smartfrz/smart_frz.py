@@ -52,6 +52,16 @@ class SmartFRZ(FreezingCallback):
         backup_dir: `None` (default) or a directory where the freezing state
             is saved every epoch, to resume with
             `keras.callbacks.BackupAndRestore`; see `FreezingCallback`.
+        cache_activations: `True` to train on the cached outputs of the
+            frozen front of the model once it freezes (default `False`);
+            see `keras_smartfrz.FreezingCallback`.
+        cache_budget_bytes: the largest activation cache allowed, in
+            bytes (default 1 GiB).
+        release_optimizer_state: `True` to free frozen weights' optimizer
+            slots (default `False`); see
+            `keras_smartfrz.release_optimizer_state`.
+        backup_freq: `"epoch"` (default) or the `save_freq` N of
+            `keras.callbacks.BackupAndRestore`; see `FreezingCallback`.
 
     Example:
 
@@ -82,6 +92,10 @@ class SmartFRZ(FreezingCallback):
         verbose=0,
         log_dir=None,
         backup_dir=None,
+        cache_activations=False,
+        cache_budget_bytes=2**30,
+        release_optimizer_state=False,
+        backup_freq="epoch",
     ):
         policy = PredictorPolicy(predictor, freeze_threshold=freeze_threshold)
         super().__init__(
@@ -96,6 +110,10 @@ class SmartFRZ(FreezingCallback):
             verbose=verbose,
             log_dir=log_dir,
             backup_dir=backup_dir,
+            cache_activations=cache_activations,
+            cache_budget_bytes=cache_budget_bytes,
+            release_optimizer_state=release_optimizer_state,
+            backup_freq=backup_freq,
         )
         self.predictor = predictor
         self.freeze_threshold = freeze_threshold

@@ -271,9 +271,10 @@ def test_overhead_seconds_are_measured_and_reset():
     callback = FreezingCallback(policy, window_size=4, sample_size=8)
     fit(mlp(), [callback], epochs=2)
     overhead = callback.overhead_seconds
-    assert set(overhead) == {"sampling", "decision", "freezing"}
+    assert set(overhead) == {"sampling", "decision", "freezing", "caching"}
     assert overhead["sampling"] > 0.0 and overhead["decision"] > 0.0
     assert 0.0 < overhead["freezing"] <= overhead["decision"]
+    assert overhead["caching"] == 0.0  # caching is off by default
     callback.on_train_begin()
     assert all(v == 0.0 for v in callback.overhead_seconds.values())
 

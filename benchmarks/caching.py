@@ -1,0 +1,260 @@
+"""Activation caching and optimizer-state release, side by side with freezing alone.
+
+The fine-tuning scenario of the suite (benchmarks/suite.py, scenario 1: a
+ResNet-style CNN pretrained on MNIST inside the benchmark, fine-tuned on
+Fashion-MNIST), trained four ways per seed from the same initial weights on
+the same data order:
+
+- `full`: every layer trains;
+- `freeze`: `SmartFRZ(frozen_batchnorm="inference")`, freezing alone;
+- `cache`: the same plus `cache_activations=True`;
+- `cache+release`: the same plus `release_optimizer_state=True`.
+
+The freezing runs use `frozen_batchnorm="inference"` because caching needs
+it, so that the only difference between `freeze` and `cache` is the cache.
+Each epoch is one pass over the same 7680 training examples, reshuffled
+every epoch (the suite draws its epochs from an endless stream instead,
+which gives every epoch other examples: no cache can serve that).
+
+Reported per run: test accuracy, wall-clock time and its ratio to full
+training (the runs of one seed follow each other in one process), epoch
+times, the epoch each unit froze, the cache (cut, size, hits) and the peak
+resident memory above the level before the run (sampled every 20 ms; the
+TensorFlow allocator keeps freed memory, so this is an upper bound of what a
+run needed beyond the previous one).
+
+Usage (from the repository root):
+
+    python benchmarks/caching.py                  # seeds 0 1, about 40 min
+    python benchmarks/caching.py --seeds 0 --epochs 3 --steps 20 \
+        --pretrain-steps 20 --out /tmp/caching.json   # smoke
+
+Writes benchmarks/results/caching.json and caching.md.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import statistics
+import sys
+import threading
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import suite  # noqa: E402
+
+import keras_smartfrz  # noqa: E402
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+METHODS = ("full", "freeze", "cache", "cache+release")
+
+
+def rss_bytes():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class PeakMemory:
+    """Peak resident memory while the block runs, sampled by a thread."""
+
+    def __enter__(self):
+        self.base = rss_bytes()
+        self.peak = self.base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self):
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, rss_bytes())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+
+class EpochClock(keras.callbacks.Callback):
+    def on_train_begin(self, logs=None):
+        self.seconds = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def make_freezer(method):
+    if method == "full":
+        return None
+    return keras_smartfrz.SmartFRZ(
+        frozen_batchnorm="inference",
+        cache_activations=method.startswith("cache"),
+        release_optimizer_state=method.endswith("release"),
+    )
+
+
+def dataset(x, y, batch_size, seed):
+    data = tf.data.Dataset.from_tensor_slices((x, y))
+    data = data.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    return data.batch(batch_size, drop_remainder=True).prefetch(2)
+
+
+def run(scenario, size, weights, data, method, seed, epochs):
+    x, y, xt, yt = data
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(seed)
+    model = scenario.build(size)
+    model.set_weights(weights)
+    scenario.compile(model, size)
+    freezer = make_freezer(method)
+    clock = EpochClock()
+    callbacks = ([freezer] if freezer else []) + [clock]
+    train = dataset(x, y, size.batch_size, seed)
+    with PeakMemory() as memory:
+        start = time.perf_counter()
+        model.fit(train, epochs=epochs, callbacks=callbacks, verbose=0)
+        seconds = time.perf_counter() - start
+    _, accuracy = model.evaluate(xt, yt, batch_size=256, verbose=0)
+    result = {
+        "method": method,
+        "seed": seed,
+        "test_accuracy": float(accuracy),
+        "fit_seconds": seconds,
+        "epoch_seconds": clock.seconds,
+        "peak_rss_above_start_bytes": memory.peak - memory.base,
+    }
+    if freezer is not None:
+        result.update(
+            freeze_epochs={
+                d.layer: d.epoch + 1 for d in freezer.decisions if d.frozen
+            },
+            frozen_units=len(freezer.frozen_units),
+            units=len(freezer.units),
+            cache=dict(freezer.cache_info),
+            optimizer_bytes_released=freezer.optimizer_bytes_released,
+            overhead_seconds=dict(freezer.overhead_seconds),
+        )
+    print(
+        f"  seed {seed} {method:14s} acc {accuracy:.4f} "
+        f"{seconds:7.1f} s  epochs "
+        + " ".join(f"{s:.0f}" for s in clock.seconds)
+        + (f"  cache {freezer.cache_info['status']} at "
+           f"{freezer.cache_info['cut']}" if freezer else ""),
+        flush=True,
+    )
+    return result
+
+
+def render(results, command):
+    lines = [
+        "# Activation caching and optimizer-state release",
+        "",
+        f"Command: `{command}`",
+        "",
+        "Made by `benchmarks/caching.py` (its docstring says what runs). "
+        f"Machine: {results['machine']}. Load average before: "
+        f"{results['load_before']}.",
+        "",
+        "| seed | method | test acc | fit s | x full | units frozen | cache "
+        "| cut | cache MB | hits | opt. MB freed | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    by_seed = {}
+    for r in results["runs"]:
+        by_seed.setdefault(r["seed"], {})[r["method"]] = r
+    for seed, runs in sorted(by_seed.items()):
+        full = runs.get("full")
+        for method in METHODS:
+            r = runs.get(method)
+            if r is None:
+                continue
+            cache = r.get("cache") or {}
+            speed = full["fit_seconds"] / r["fit_seconds"] if full else None
+            lines.append(
+                f"| {seed} | {method} | {r['test_accuracy']:.4f} | "
+                f"{r['fit_seconds']:.1f} | "
+                + (f"{speed:.2f}x" if speed else "-")
+                + f" | {r.get('frozen_units', 0)}/{r.get('units', '-')} | "
+                f"{cache.get('status', '-') if cache else '-'} | "
+                f"{cache.get('cut') or '-'} | "
+                f"{cache.get('bytes', 0) / 2**20:.1f} | "
+                f"{sum(cache.get('hits', [])) if cache else '-'} | "
+                f"{r.get('optimizer_bytes_released', 0) / 2**20:.2f} | "
+                f"{r['peak_rss_above_start_bytes'] / 2**20:.0f} |"
+            )
+    lines += ["", "Epoch times (s):", ""]
+    for r in results["runs"]:
+        lines.append(
+            f"- seed {r['seed']} {r['method']}: "
+            + ", ".join(f"{s:.1f}" for s in r["epoch_seconds"])
+        )
+    speedups = {}
+    for seed, runs in by_seed.items():
+        for method in METHODS[1:]:
+            if "full" in runs and method in runs:
+                speedups.setdefault(method, []).append(
+                    runs["full"]["fit_seconds"] / runs[method]["fit_seconds"]
+                )
+    lines += ["", "Mean speed-up against full training:", ""]
+    for method, values in speedups.items():
+        lines.append(f"- {method}: {statistics.mean(values):.2f}x "
+                     f"({', '.join(f'{v:.2f}' for v in values)})")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=120,
+                        help="batches per epoch (training examples / 64)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS),
+                        choices=METHODS)
+    parser.add_argument("--pretrain-steps", type=int, default=None,
+                        help="MNIST pretraining steps (default: the suite's)")
+    parser.add_argument("--out", default=str(RESULTS / "caching.json"))
+    args = parser.parse_args(argv)
+    scenario = suite.CnnFinetune()
+    size = suite.SIZES["cnn_finetune"]["full"]
+    if args.pretrain_steps is not None:
+        size = dataclasses.replace(size, pretrain_steps=args.pretrain_steps)
+    x, y, xt, yt = scenario.load_data(size)
+    n = args.steps * size.batch_size
+    data = (suite._images(x[:n]), y[:n], suite._images(xt[: size.test_size]),
+            yt[: size.test_size])
+    results = {
+        "machine": suite.machine_info(),
+        "load_before": suite.load_average(),
+        "runs": [],
+    }
+    command = "python benchmarks/caching.py " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
+    for seed in args.seeds:
+        weights = scenario.initial_weights(size, seed, None)
+        for method in args.methods:
+            results["runs"].append(
+                run(scenario, size, weights, data, method, seed, args.epochs)
+            )
+            out = pathlib.Path(args.out)
+            out.write_text(json.dumps(results, indent=1, default=float))
+            out.with_suffix(".md").write_text(render(results, command.strip()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,401 @@
+"""Activation caching: train the layers after a frozen prefix on its cached outputs.
+
+Once the front of a network is frozen, its output for a given input never
+changes (if nothing in it is random and its BatchNormalization layers use
+their moving statistics). `ActivationCache` computes that output once per
+training example, keeps it, and from then on trains only the rest of the
+network on it: a step skips the frozen prefix's forward pass as well as its
+backward pass.
+
+How it stays correct:
+
+- **Where it cuts.** The cut is one tensor of the model's Functional graph
+  (Sequential and Functional models; a subclassed model has no graph to cut)
+  that every path from the inputs to the outputs goes through, and whose
+  every upstream layer has no trainable weights, no randomness (Dropout,
+  noise, random augmentation layers, anything holding a seed generator), no
+  activity regularizer, and is a BatchNormalization only if that is frozen in
+  inference mode. The deepest such tensor is used. The layers after the cut
+  are the model's own layers, with the same weights and the same optimizer:
+  the model the user holds is unchanged, and validation and `predict` run
+  the whole model as always.
+- **What it looks up.** The cache is content-addressed: each example's
+  inputs are hashed (a 64-bit multiply-add hash of their bit patterns, exact
+  integer arithmetic, so the same example always gets the same key in any
+  batch), and a batch uses cached activations only when every one of its
+  examples is found. Shuffling is therefore fine. An input pipeline that
+  changes the examples from epoch to epoch (random augmentation before the
+  model) misses; after a full epoch that mostly misses, caching turns itself
+  off with a warning that says so. Two different examples share a key with a
+  probability of about 2**-64 per pair.
+- **When it fills.** The epoch after a freeze computes the prefix as usual
+  and stores each example's output; the following epochs read it. A later
+  freeze that moves the cut deeper starts a new cache.
+- **Bounded memory.** The cache holds one epoch's examples. If that would
+  exceed `budget_bytes`, caching stays off for that cut and says why (there
+  is no spilling to disk: reading activations back from disk is slower than
+  the prefix it saves on the small models that fit this machine).
+
+The train step with the cache is the Keras TensorFlow trainer's step with
+`suffix(cached)` in place of `model(x)`; a model that overrides
+`train_step`, runs under a `tf.distribute` strategy, or whose epoch length
+is unknown is not cached (the reason is given).
+"""
+
+import contextlib
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+_RANDOM_LAYER_TYPES = (
+    keras.layers.Dropout,
+    keras.layers.SpatialDropout1D,
+    keras.layers.SpatialDropout2D,
+    keras.layers.SpatialDropout3D,
+    keras.layers.GaussianNoise,
+    keras.layers.GaussianDropout,
+    keras.layers.AlphaDropout,
+)
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+class CacheRefused(Exception):
+    """Activation caching cannot be used; the message says why."""
+
+
+def _functional_graph(model):
+    if isinstance(model, keras.Sequential):
+        return getattr(model, "_functional", None)
+    if isinstance(model, keras.src.models.functional.Functional):
+        return model
+    return None
+
+
+def _is_random(layer):
+    if isinstance(layer, _RANDOM_LAYER_TYPES):
+        return True
+    return any(
+        isinstance(value, keras.random.SeedGenerator)
+        for value in vars(layer).values()
+    )
+
+
+def _unsafe_reason(layer):
+    """Why `layer` cannot sit in the cached prefix, or None."""
+    for sub in layer._flatten_layers(include_self=True, recursive=True):
+        if sub.trainable_weights:
+            return f"layer '{sub.name}' is still trainable"
+        if _is_random(sub):
+            return (
+                f"layer '{sub.name}' ({type(sub).__name__}) draws random "
+                "numbers in training"
+            )
+        if getattr(sub, "activity_regularizer", None) is not None:
+            return f"layer '{sub.name}' has an activity regularizer"
+        if isinstance(sub, keras.layers.BatchNormalization) and sub.trainable:
+            return (
+                f"BatchNormalization '{sub.name}' normalises with batch "
+                "statistics (caching needs frozen_batchnorm='inference')"
+            )
+    return None
+
+
+def _upstream_layers(tensor):
+    """The layers that `tensor` is computed from (InputLayers excluded)."""
+    seen, layers, stack = set(), [], [tensor]
+    while stack:
+        history = getattr(stack.pop(), "_keras_history", None)
+        if history is None:
+            continue
+        operation = history.operation
+        node = operation._inbound_nodes[history.node_index]
+        key = (id(operation), history.node_index)
+        if key in seen:
+            continue
+        seen.add(key)
+        if not isinstance(operation, keras.layers.InputLayer):
+            layers.append(operation)
+        stack.extend(node.input_tensors)
+    return layers
+
+
+def static_refusal(model):
+    """Why `model` can never be cached, or None."""
+    if _functional_graph(model) is None:
+        return (
+            f"model '{model.name}' is a subclassed model ("
+            f"{type(model).__name__}); only Sequential and Functional models "
+            "have a graph to cut"
+        )
+    from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
+
+    if getattr(type(model), "train_step", None) is not (
+        TensorFlowTrainer.train_step
+    ):
+        return f"{type(model).__name__} overrides train_step"
+    if tf.distribute.has_strategy() or (
+        getattr(model, "_distribute_strategy", None) is not None
+    ):
+        return "the model runs under a tf.distribute strategy"
+    return None
+
+
+@contextlib.contextmanager
+def _graph_untouched(model):
+    """Undoes the nodes that building a sub-model adds to the model's layers.
+
+    A Functional model made from an intermediate tensor clones the graph
+    after it, which appends nodes to those layers; the sub-models run on
+    their own node lists, so the user's layers are put back as they were
+    (`layer.output` keeps working, the saved config is unchanged).
+    """
+    layers = list(model._flatten_layers(include_self=True, recursive=True))
+    graph = _functional_graph(model)
+    if graph is not None and graph is not model:
+        layers.append(graph)
+    sizes = [(len(l._inbound_nodes), len(l._outbound_nodes)) for l in layers]
+    try:
+        yield
+    finally:
+        for layer, (inbound, outbound) in zip(layers, sizes):
+            del layer._inbound_nodes[inbound:]
+            del layer._outbound_nodes[outbound:]
+
+
+def find_cut(model):
+    """The deepest tensor a frozen, deterministic prefix ends at.
+
+    Returns `(layer, tensor, prefix, suffix)`, where `prefix` maps the model's
+    inputs to `tensor` and `suffix` maps `tensor` to the model's outputs (both
+    Functional models over the model's own layers), or raises `CacheRefused`.
+    """
+    graph = _functional_graph(model)
+    if graph is None:
+        raise CacheRefused(static_refusal(model))
+    outputs = {id(t) for t in keras.tree.flatten(graph.outputs)}
+    first_reason = None
+    for layer in reversed(graph.layers):
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        if len(layer._inbound_nodes) != 1:
+            continue  # a shared layer: its outputs are not one tensor
+        tensor = layer.output
+        if not isinstance(tensor, keras.KerasTensor) or id(tensor) in outputs:
+            continue
+        upstream = _upstream_layers(tensor)
+        reason = next(
+            (r for r in map(_unsafe_reason, upstream) if r is not None), None
+        )
+        if reason is not None:
+            first_reason = first_reason or reason
+            continue
+        if not any(sub.weights for sub in upstream):
+            break  # only weightless layers before: nothing worth caching
+        if any(d is None for d in tensor.shape[1:]):
+            first_reason = first_reason or (
+                f"the output of '{layer.name}' has an unknown shape "
+                f"{tensor.shape}"
+            )
+            continue
+        with _graph_untouched(model):
+            try:
+                suffix = keras.Model(
+                    tensor, graph.outputs, name="smartfrz_suffix"
+                )
+            except ValueError:
+                continue  # another path from the inputs bypasses this tensor
+            prefix = keras.Model(graph.input, tensor, name="smartfrz_prefix")
+        return layer, tensor, prefix, suffix
+    raise CacheRefused(
+        "no frozen prefix of the model ends at a single tensor that every "
+        "path to the outputs goes through"
+        + (f" ({first_reason})" if first_reason else "")
+    )
+
+
+def example_bytes(tensor):
+    return int(np.prod(tensor.shape[1:])) * np.dtype(tensor.dtype).itemsize
+
+
+class ActivationCache:
+    """The cached prefix outputs of one cut, and the train step that reads them.
+
+    Made by `FreezingCallback(cache_activations=True)`; see the module
+    docstring for what it does and when it refuses.
+
+    Args:
+        model: the model being trained.
+        cut: `(layer, tensor, prefix, suffix)` from `find_cut`.
+        capacity: examples per epoch (the cache holds one epoch's worth).
+        seed: seed of the input hash.
+    """
+
+    def __init__(self, model, cut, capacity, seed=0):
+        self.model = model
+        self.layer, tensor, self.prefix, self.suffix = cut
+        self.capacity = int(capacity)
+        self.nbytes = self.capacity * example_bytes(tensor)
+        self.filling = True
+        self.hits = []
+        self.misses = []
+        shape = (self.capacity,) + tuple(tensor.shape[1:])
+        self._values = tf.Variable(
+            tf.zeros(shape, tensor.dtype), trainable=False, name="cache"
+        )
+        self._fill_keys = tf.Variable(
+            tf.zeros((self.capacity,), tf.int64), trainable=False
+        )
+        self._sorted_keys = tf.Variable(
+            tf.fill((self.capacity,), tf.constant(_INT64_MAX, tf.int64)),
+            trainable=False,
+        )
+        self._sorted_slots = tf.Variable(
+            tf.zeros((self.capacity,), tf.int32), trainable=False
+        )
+        self._is_filling = tf.Variable(True, trainable=False)
+        self._count = tf.Variable(0, dtype=tf.int32, trainable=False)
+        self._overflow = tf.Variable(False, trainable=False)
+        self._hits = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self._misses = tf.Variable(0, dtype=tf.int64, trainable=False)
+        rng = np.random.default_rng(seed)
+        width = sum(
+            int(np.prod(t.shape[1:]))
+            for t in keras.tree.flatten(self.prefix.inputs)
+        )
+        self._multipliers = tf.constant(
+            rng.integers(-(2**62), 2**62, size=(2, width), dtype=np.int64) | 1
+        )
+
+    # ------------------------------------------------------------- in graph
+    def _keys(self, x):
+        columns = []
+        for part in keras.tree.flatten(x):
+            part = tf.convert_to_tensor(part)
+            flat = tf.reshape(part, (tf.shape(part)[0], -1))
+            if part.dtype.is_floating:
+                flat = tf.bitcast(tf.cast(flat, tf.float32), tf.int32)
+            columns.append(tf.cast(flat, tf.int64))
+        bits = tf.concat(columns, axis=1)
+        # Integer arithmetic wraps modulo 2**64: exact, so the key does not
+        # depend on the batch the example sits in or the reduction order.
+        first = tf.reduce_sum(bits * self._multipliers[0], axis=1)
+        second = tf.reduce_sum((bits ^ 0x5BD1E995) * self._multipliers[1],
+                               axis=1)
+        return first ^ (second * 0x2545F4914F6CDD1D)
+
+    def _lookup(self, keys):
+        """Binary search of `keys` in the sorted keys: (all found, slots)."""
+        low = tf.zeros_like(keys, tf.int32)
+        high = tf.fill(tf.shape(keys), tf.constant(self.capacity, tf.int32))
+        for _ in range(max(1, math.ceil(math.log2(self.capacity + 1)))):
+            middle = (low + high) // 2
+            probe = tf.gather(
+                self._sorted_keys, tf.minimum(middle, self.capacity - 1)
+            )
+            right = tf.logical_and(probe < keys, middle < high)
+            low = tf.where(right, middle + 1, low)
+            high = tf.where(right, high, middle)
+        index = tf.minimum(low, self.capacity - 1)
+        found = tf.gather(self._sorted_keys, index) == keys
+        return tf.reduce_all(found), tf.gather(self._sorted_slots, index)
+
+    def _store(self, keys, values):
+        count = tf.shape(keys)[0]
+        start = self._count.read_value()
+
+        def write():
+            slots = start + tf.range(count)
+            self._values.scatter_update(tf.IndexedSlices(values, slots))
+            self._fill_keys.scatter_update(tf.IndexedSlices(keys, slots))
+            self._count.assign_add(count)
+            return tf.constant(True)
+
+        def overflow():
+            self._overflow.assign(True)
+            return tf.constant(False)
+
+        return tf.cond(start + count <= self.capacity, write, overflow)
+
+    def train_step(self, data):
+        """The model's train step, with the prefix read from the cache."""
+        model = self.model
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        keys = self._keys(x)
+        filling = self._is_filling.read_value()
+        found, slots = self._lookup(keys)
+        hit = tf.logical_and(tf.logical_not(filling), found)
+        cut = tf.cond(
+            hit,
+            lambda: tf.gather(self._values, slots),
+            lambda: tf.cast(self.prefix(x, training=True), self._values.dtype),
+        )
+        tf.cond(
+            filling,
+            lambda: self._store(keys, cut),
+            lambda: tf.constant(False),
+        )
+        self._hits.assign_add(tf.cast(hit, tf.int64))
+        self._misses.assign_add(
+            tf.cast(tf.logical_and(tf.logical_not(filling),
+                                   tf.logical_not(hit)), tf.int64)
+        )
+        cut = tf.stop_gradient(cut)
+        with tf.GradientTape() as tape:
+            y_pred = self.suffix(cut, training=True)
+            loss = model._compute_loss(
+                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
+                training=True,
+            )
+            model._loss_tracker.update_state(
+                loss, sample_weight=tf.shape(keys)[0]
+            )
+            if model.optimizer is not None:
+                loss = model.optimizer.scale_loss(loss)
+        trainable_weights = model.trainable_weights
+        if trainable_weights:
+            gradients = tape.gradient(loss, trainable_weights)
+            model.optimizer.apply_gradients(zip(gradients, trainable_weights))
+        return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    # ---------------------------------------------------------------- epochs
+    def end_epoch(self):
+        """Called at each epoch's end. Returns a reason to stop, or None."""
+        if self.filling:
+            count = int(self._count.numpy())
+            if bool(self._overflow.numpy()):
+                return (
+                    "the epoch held more examples than the "
+                    f"{self.capacity} counted in the epoch before"
+                )
+            keys = self._fill_keys.numpy()[:count]
+            order = np.argsort(keys, kind="stable")
+            sorted_keys = np.full(self.capacity, _INT64_MAX, np.int64)
+            sorted_keys[:count] = keys[order]
+            sorted_slots = np.zeros(self.capacity, np.int32)
+            sorted_slots[:count] = order.astype(np.int32)
+            self._sorted_keys.assign(sorted_keys)
+            self._sorted_slots.assign(sorted_slots)
+            self._fill_keys.assign(np.zeros(self.capacity, np.int64))
+            self._is_filling.assign(False)
+            self.filling = False
+            return None
+        hits, misses = int(self._hits.numpy()), int(self._misses.numpy())
+        self._hits.assign(0)
+        self._misses.assign(0)
+        self.hits.append(hits)
+        self.misses.append(misses)
+        if misses > hits:
+            return (
+                f"{misses} of {hits + misses} batches of the last epoch held "
+                "examples not seen in the epoch that filled the cache: the "
+                "inputs change from epoch to epoch (random augmentation in "
+                "the input pipeline?)"
+            )
+        return None
+
+    def release(self):
+        """Drops the cached values (the variables die with this object)."""
+        for name in ("_values", "_fill_keys", "_sorted_keys", "_sorted_slots"):
+            setattr(self, name, None)

@@ -1,0 +1,228 @@
+"""Activation caching (`cache_activations=True`): same training, fewer passes."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_smartfrz import FreezingCallback
+from keras_smartfrz import caching
+from keras_smartfrz.policies import FreezePolicy
+from conftest import mlp
+from conftest import toy_data
+
+
+class ScriptedPolicy(FreezePolicy):
+    """Proposes the candidates named in `plan[epoch]`."""
+
+    needs_history = False
+
+    def __init__(self, plan):
+        self.plan = plan
+
+    def decide(self, stage):
+        wanted = self.plan.get(stage.epoch, ())
+        freeze = np.array([any(n == w or n.endswith("/" + w) for w in wanted)
+                           for n in stage.unit_names])
+        return freeze.astype(np.float32), freeze
+
+
+def _freezer(plan, cache=True, **kwargs):
+    return FreezingCallback(
+        ScriptedPolicy(plan), frozen_batchnorm="inference",
+        cache_activations=cache, **kwargs)
+
+
+def _train(cache, jit_compile, shuffle, epochs=5, plan=None, x=None, y=None,
+           batchnorm=True, **kwargs):
+    keras.utils.set_random_seed(0)
+    model = mlp(batchnorm=batchnorm, jit_compile=jit_compile)
+    if x is None:
+        x, y = toy_data(100)  # 7 batches of 16, the last one of 4
+    freezer = _freezer(plan or {0: ["d0"], 2: ["d1"]}, cache=cache, **kwargs)
+    history = model.fit(x, y, batch_size=16, epochs=epochs, shuffle=shuffle,
+                        callbacks=[freezer], verbose=0)
+    return model, freezer, history
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_cached_training_matches_uncached(jit_compile, shuffle):
+    plain, _, plain_history = _train(False, jit_compile, shuffle)
+    cached, freezer, cached_history = _train(True, jit_compile, shuffle)
+    info = freezer.cache_info
+    # Froze d0 (+bn0) after epoch 0: epoch 1 filled; d1 after epoch 2: the
+    # cut moved to bn1, epoch 3 filled, epoch 4 read the cache.
+    assert info["cut"] == "bn1", info
+    assert info["hits"] == [7] and info["misses"] == [0], info
+    for a, b in zip(plain.weights, cached.weights):
+        np.testing.assert_allclose(
+            a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
+    np.testing.assert_allclose(plain_history.history["loss"],
+                               cached_history.history["loss"], rtol=1e-5)
+    # The user's model gets its own train step back after fit.
+    assert "train_step" not in vars(cached)
+
+
+def test_cache_hit_skips_the_prefix():
+    """A prefix call counter inside the graph proves the prefix is skipped."""
+    keras.utils.set_random_seed(0)
+    calls = tf.Variable(0, dtype=tf.int64, trainable=False)
+
+    class Counting(keras.layers.Layer):
+        def call(self, inputs):
+            calls.assign_add(1)
+            return inputs
+
+    inputs = keras.Input((6,))
+    h = Counting(name="count")(inputs)
+    h = keras.layers.Dense(8, activation="relu", name="d0")(h)
+    h = keras.layers.Dense(8, activation="relu", name="d1")(h)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="head")(h))
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(True))
+    x, y = toy_data(64)
+    counts = []
+
+    class Count(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            counts.append(int(calls.numpy()))
+            calls.assign(0)
+
+    freezer = _freezer({0: ["d0", "d1"]})
+    model.fit(x, y, batch_size=16, epochs=4, verbose=0,
+              callbacks=[freezer, Count()])
+    # epoch 0: full steps; 1: fill (prefix runs); 2-3: cache hits only.
+    assert counts == [4, 4, 0, 0]
+    assert freezer.cache_info["cut"] == "d1"
+    # Validation and predict still run the whole model.
+    model.predict(x[:4], verbose=0)
+    assert int(calls.numpy()) > 0
+
+
+def test_augmenting_pipeline_turns_caching_off():
+    keras.utils.set_random_seed(0)
+    model = mlp(batchnorm=True)
+    x, y = toy_data(64)
+    # A generator's state advances across epochs (a seeded tf.random op in
+    # `map` would replay the same noise every epoch, which caching handles).
+    noise = tf.random.Generator.from_seed(1)
+    dataset = (tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+               .map(lambda a, b: (a + noise.normal(tf.shape(a), 0, 0.01), b)))
+    freezer = _freezer({0: ["d0"]})
+    with pytest.warns(UserWarning, match="inputs change from epoch to epoch"):
+        model.fit(dataset, epochs=4, callbacks=[freezer], verbose=0)
+    assert freezer.cache_info["status"] == "off"
+    assert freezer.cache_info["misses"] == [4]
+    assert "train_step" not in vars(model)
+
+
+def _compiled(*layers):
+    model = keras.Sequential([keras.Input((6,)), *layers])
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(True))
+    return model
+
+
+@pytest.mark.parametrize("frozen_batchnorm", ["inference", "batch_statistics"])
+def test_cut_stops_before_randomness_and_batch_statistics(frozen_batchnorm):
+    """The cut ends before a Dropout, or a BN normalising with batch stats."""
+    x, y = toy_data(64)
+    model = _compiled(
+        keras.layers.Dense(8, name="d0"),
+        keras.layers.Dropout(0.5, name="drop")
+        if frozen_batchnorm == "inference"
+        else keras.layers.BatchNormalization(name="bn0"),
+        keras.layers.Dense(8, name="d1"), keras.layers.Dense(2, name="head"))
+    freezer = FreezingCallback(
+        ScriptedPolicy({0: ["d0", "d1"]}), cache_activations=True,
+        frozen_batchnorm=frozen_batchnorm)
+    model.fit(x, y, batch_size=16, epochs=3, callbacks=[freezer], verbose=0)
+    assert freezer.cache_info["cut"] == "d0"
+    assert freezer.cache_info["hits"] == [4]
+
+
+@pytest.mark.parametrize(
+    "first, match",
+    [(keras.layers.GaussianNoise(0.1, name="noise"), "draws random numbers"),
+     (keras.layers.BatchNormalization(name="bn_in"), "batch statistics")],
+)
+def test_no_safe_cut_says_why(first, match):
+    x, y = toy_data(64)
+    model = _compiled(first, keras.layers.Dense(8, name="d0"),
+                      keras.layers.Dense(2, name="head"))
+    freezer = FreezingCallback(
+        ScriptedPolicy({0: ["bn_in", "d0"]}), cache_activations=True)
+    model.fit(x, y, batch_size=16, epochs=2, callbacks=[freezer], verbose=0)
+    assert freezer.cache_info["status"] == "off"
+    assert match in freezer.cache_info["reason"]
+
+
+def test_budget_and_subclassed_model_refuse_with_reason():
+    x, y = toy_data(64)
+    model = mlp(batchnorm=True)
+    freezer = _freezer({0: ["d0"]}, cache_budget_bytes=100)
+    with pytest.warns(UserWarning, match="over cache_budget_bytes=100"):
+        model.fit(x, y, batch_size=16, epochs=2, callbacks=[freezer],
+                  verbose=0)
+    assert freezer.cache_info["status"] == "off"
+
+    class Sub(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.d0 = keras.layers.Dense(8)
+            self.head = keras.layers.Dense(2)
+
+        def call(self, inputs):
+            return self.head(self.d0(inputs))
+
+    sub = Sub()
+    sub.compile("adam", keras.losses.SparseCategoricalCrossentropy(True))
+    sub(x[:1])
+    freezer = _freezer({0: ["dense"]})
+    with pytest.warns(UserWarning, match="subclassed model"):
+        sub.fit(x, y, batch_size=16, epochs=1, callbacks=[freezer],
+                verbose=0)
+
+
+def test_cut_bypassed_by_a_skip_connection_is_not_used():
+    inputs = keras.Input((6,))
+    a = keras.layers.Dense(6, name="d0")(inputs)
+    b = keras.layers.Dense(6, name="d1")(a)
+    joined = keras.layers.Add(name="add")([a, b])
+    model = keras.Model(inputs, keras.layers.Dense(2, name="head")(joined))
+    model.layers[1].trainable = False
+    layer, tensor, prefix, suffix = caching.find_cut(model)
+    assert layer.name == "d0"  # not d1: the skip from d0 bypasses it
+    model.layers[2].trainable = False
+    layer, *_ = caching.find_cut(model)
+    assert layer.name == "add"
+
+
+def test_arguments_are_validated_and_serialised():
+    with pytest.raises(ValueError, match="cache_activations='yes'"):
+        FreezingCallback(ScriptedPolicy({}), cache_activations="yes")
+    with pytest.raises(ValueError, match="cache_budget_bytes=0"):
+        FreezingCallback(ScriptedPolicy({}), cache_budget_bytes=0)
+    config = _freezer({}, cache_budget_bytes=1234).get_config()
+    assert config["cache_activations"] is True
+    assert config["cache_budget_bytes"] == 1234
+
+
+def test_release_with_backup_dir_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="release_optimizer_state=True"):
+        FreezingCallback(ScriptedPolicy({}), release_optimizer_state=True,
+                         backup_dir=str(tmp_path))
+
+
+def test_release_optimizer_state_through_the_callback():
+    """The callback frees the frozen units' Adam moments at the freeze and
+    the rest trains as without the release."""
+    plain, _, _ = _train(False, False, False, epochs=3, plan={0: ["d0"]})
+    released, freezer, _ = _train(False, False, False, epochs=3,
+                                  plan={0: ["d0"]},
+                                  release_optimizer_state=True)
+    # d0 (6x16 + 16) and bn0's gamma and beta (16 + 16): two Adam slots each.
+    assert freezer.optimizer_bytes_released == 2 * 4 * (6 * 16 + 16 + 32)
+    assert len(released.optimizer.variables) == (
+        len(plain.optimizer.variables) - 2 * 4)
+    for a, b in zip(plain.weights, released.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
