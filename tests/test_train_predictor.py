@@ -46,6 +46,14 @@ def _has_fashion_mnist():
     return True
 
 
+def _has_mnist():
+    try:
+        datasets.load_mnist()
+    except FileNotFoundError:
+        return False
+    return True
+
+
 # ------------------------------------------------------------ pure pieces
 def test_freeze_label_needs_threshold_from_e_on():
     curve = np.array(
@@ -67,6 +75,27 @@ def test_freeze_label_with_undefined_cka():
     curve = np.array([[0.5, np.nan, 1.0], [np.nan, 0.5, 1.0]])
     # A NaN hides the answer unless a known failure comes at or after it.
     assert tp.freeze_labels(curve, 0.95).tolist() == [[0, -1, 1], [0, 0, 1]]
+
+
+def test_relative_label_waits_for_most_of_a_small_change():
+    # Unit 0 starts far from its final representation (from scratch), unit
+    # 1 close to it (fine-tuning): both pass the absolute 0.95 after epoch 0.
+    curve = np.array([[0.96, 0.97, 0.99, 1.0], [0.97, 0.98, 0.995, 1.0]])
+    start = np.array([0.30, 0.96])
+    assert tp.freeze_labels(curve, 0.95).tolist() == [[1] * 4, [1] * 4]
+    relative = tp.freeze_labels(curve, 0.95, start, remaining_fraction=0.2)
+    # Unit 0: 1-CKA <= 0.2 * 0.70 = 0.14 everywhere; unit 1 must be within
+    # 0.2 * 0.04 = 0.008 of the end, reached at epoch 2 only.
+    assert relative.tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]
+    # An undefined start falls back to the absolute rule.
+    nan_start = tp.freeze_labels(curve, 0.95, np.array([np.nan, np.nan]), 0.2)
+    assert nan_start.tolist() == [[1] * 4, [1] * 4]
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.1, 1.5])
+def test_relative_label_rejects_bad_fractions(fraction):
+    with pytest.raises(ValueError, match=repr(fraction)):
+        tp.freeze_labels(np.ones((1, 2)), 0.95, np.zeros(1), fraction)
 
 
 def test_epoch_windows_end_at_each_epoch():
@@ -154,6 +183,113 @@ def test_ship_refuses_a_quick_profile(tmp_path):
         tp.run_all(tmp_path, tp.PROFILES["quick"], ship=True, verbose=0)
 
 
+def test_fine_tuning_archs_in_the_profiles():
+    full, quick = tp.PROFILES["full"], tp.PROFILES["quick"]
+    fine_tuning = [
+        arch for arch, spec in tp.ARCHITECTURES.items() if spec.fine_tuning
+    ]
+    assert {"cnn_ft", "mlp_ft", "resnet_ft"} <= set(fine_tuning)
+    assert set(fine_tuning) <= set(full.archs)
+    assert set(full.holdout) == {"resnet", "bert", "resnet_ft"}
+    assert any(tp.ARCHITECTURES[a].fine_tuning for a in quick.archs)
+    for arch in fine_tuning:
+        spec = tp.ARCHITECTURES[arch]
+        assert spec.pretrain_dataset in tp.DATASETS
+        assert spec.pretrain_dataset != spec.dataset
+        assert full.pretrain_steps_of(arch) == spec.pretrain_steps >= 100
+        # The profile's override keeps the quick pipeline quick.
+        assert quick.pretrain_steps_of(arch) == quick.pretrain_steps <= 16
+        epochs, train_size, batch_size = full.recipe(arch)
+        assert -(-train_size // batch_size) >= full.window_size
+    assert full.pretrain_steps_of("cnn") == quick.pretrain_steps_of("cnn") == 0
+    with pytest.raises(ValueError, match="pretrain_steps"):
+        tp.Architecture("mnist", tp.build_mlp, 16, 2, pretrain_dataset="mnist")
+
+
+def test_reinitialize_head_redraws_only_the_head():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(8, bias_initializer="ones"),
+            keras.layers.Dense(3, bias_initializer="ones"),
+        ]
+    )
+    before = [w.copy() for w in model.get_weights()]
+    tp.reinitialize_head(model, seed=7)
+    after = model.get_weights()
+    np.testing.assert_array_equal(after[0], before[0])
+    np.testing.assert_array_equal(after[1], before[1])
+    assert not np.allclose(after[2], before[2])
+    np.testing.assert_array_equal(after[3], np.ones(3))  # its initializer
+    redrawn = after[2].copy()
+    tp.reinitialize_head(model, seed=7)
+    np.testing.assert_array_equal(model.get_weights()[2], redrawn)
+
+
+def test_fine_tuning_run_records_only_the_fine_tuning_phase(
+    tmp_path, monkeypatch
+):
+    if not (_has_fashion_mnist() and _has_mnist()):
+        pytest.skip("MNIST or Fashion-MNIST is missing (tools/setup.sh).")
+    spec = tp.ARCHITECTURES["mlp_ft"]
+    built = []
+
+    def build(*args):
+        model = spec.build(*args)
+        built.append((model, model.get_weights()))
+        return model
+
+    monkeypatch.setitem(
+        tp.ARCHITECTURES, "mlp_ft", dataclasses.replace(spec, build=build)
+    )
+    profile = dataclasses.replace(TINY, archs=("mlp_ft",), pretrain_steps=12)
+    path = tp.collect_run("mlp_ft", 0, profile, tmp_path, verbose=0)
+    [(model, fresh)] = built
+    meta = tp.read_meta(path)
+    assert meta["dataset"] == "fashion_mnist"
+    pretrain = meta["pretrain"]
+    assert pretrain["dataset"] == "mnist"
+    assert (pretrain["steps"], pretrain["batch_size"]) == (12, 16)
+    assert pretrain["examples"] == 12 * 16
+    assert pretrain["new_head"] is True
+    assert pretrain["optimizer"]["class"] == "Adam"  # build_mlp's own
+    assert meta["optimizer"] == {
+        "class": "SGD", "learning_rate": 0.005, "momentum": 0.9,
+        "nesterov": False,
+    }
+    assert set(meta["history"]) >= {"loss", "accuracy"}
+    assert len(meta["history"]["loss"]) == 3
+
+    units = tp.find_units(model)
+    sample = tp.WeightSampler(
+        units,
+        [
+            tp.draw_sample_positions(unit.num_params, 32, 0, index)
+            for index, unit in enumerate(units)
+        ],
+    )
+    with np.load(path) as run:
+        snapshots = run["snapshots"]
+        # Only the fine-tuning: 3 epochs x 8 steps, a snapshot every 2.
+        assert run["snapshot_steps"].tolist() == list(range(2, 25, 2))
+        assert run["epoch_end_steps"].tolist() == [8, 16, 24]
+        assert snapshots.shape == (4, 3 * 4, 32)
+        assert run["grams"].shape == (4, 3, 16, 16)
+    # The trajectory ends at the final model...
+    np.testing.assert_allclose(snapshots[:, -1], sample(), rtol=1e-6)
+    final = model.get_weights()
+    # ...and starts far from the freshly built one: 12 pretraining steps
+    # moved the body much more than the 2 fine-tuning steps to the first
+    # snapshot, or than any later 2 steps.
+    model.set_weights(fresh)
+    body = slice(0, len(units) - 1)
+    from_fresh = np.abs(snapshots[body, 0] - sample()[body]).mean()
+    per_interval = np.abs(np.diff(snapshots[body], axis=1)).mean(axis=(0, 2))
+    assert from_fresh > 3 * per_interval.max()
+    model.set_weights(final)
+
+
 # ---------------------------------------------------------- tiny pipeline
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
@@ -237,6 +373,51 @@ def test_recorded_windows_are_the_engine_windows():
         # The engine drops the head, the last unit.
         np.testing.assert_array_equal(snapshots[:-1, index], engine_window)
     assert np.array(recorder.grams).shape == (3, 3, 8, 8)
+    assert np.array(recorder.initial_grams).shape == (3, 8, 8)
+
+
+def test_relative_label_is_stricter_and_recorded(pipeline, tmp_path):
+    runs = pipeline["root"] / "runs"
+    with np.load(runs / "run-mlp-s0.npz") as run:
+        assert run["initial_grams"].shape == run["grams"][:, 0].shape
+        start = tp.start_cka(run)
+        assert start.shape == (len(run["unit_names"]),)
+        assert np.all((start > 0.0) & (start <= 1.0 + 1e-6))
+    tp.label(runs, tmp_path / "rel.npz", remaining_fraction=0.05, verbose=0)
+    relative, meta = tp.load_dataset(tmp_path / "rel.npz")
+    absolute, _ = tp.load_dataset(pipeline["root"] / "data.npz")
+    assert meta["remaining_fraction"] == 0.05
+    # Same windows; a "freeze" under the relative rule is one under the
+    # absolute rule too.
+    np.testing.assert_array_equal(relative["cka"], absolute["cka"])
+    assert np.all(absolute["labels"][relative["labels"] == 1] == 1)
+
+
+def test_start_cka_needs_initial_grams(tmp_path):
+    path = tmp_path / "run-old-s0.npz"
+    np.savez(path, grams=np.ones((2, 3, 4, 4)))  # collected before them
+    with np.load(path) as run, pytest.raises(
+            ValueError, match="run-old-s0.npz' has no initial_grams"):
+        tp.start_cka(run)
+
+
+def test_label_rule_report(pipeline, tmp_path):
+    from conftest import load_script
+
+    label_rule = load_script("benchmarks", "label_rule")
+    out = tmp_path / "label_rule.md"
+    label_rule.main([str(pipeline["root"] / "runs"), "--out", str(out)])
+    text = out.read_text()
+    assert "| mlp s0 | from scratch |" in text
+    assert "CKA 0.95, remaining 0.1" in text
+    rules = [(0.95, None), (0.95, 0.3), (0.95, 0.1), (0.99, None)]
+    row = label_rule.analyse(
+        pipeline["root"] / "runs" / "run-mlp-s0.npz", rules)
+    share = {rule: row["rules"][rule]["share"] for rule in rules}
+    # A relative rule is stricter than the absolute one, a smaller fraction
+    # stricter still, and so is a higher threshold.
+    assert share[(0.95, None)] >= share[(0.95, 0.3)] >= share[(0.95, 0.1)]
+    assert share[(0.95, None)] >= share[(0.99, None)]
 
 
 def test_collect_resumes_and_checks_settings(pipeline):

@@ -4,17 +4,23 @@
 The pipeline of METHOD.md ("Training data for the predictor"), one
 subcommand per stage:
 
-  collect   trains a zoo of small reference models (MLP, small CNN,
-            ResNet-style CNN, keras-hub ViT on Fashion-MNIST; the CNN on
-            MNIST; keras-hub BERT on Rotten Tomatoes; optionally MiniLM
-            fine-tuning) and records, per freezable unit, its sampled weights
-            `window_size` times per epoch (the package's own `find_units`,
-            `draw_sample_positions`, `WeightSampler` and `SnapshotCadence`,
-            so training data and inference see identical windows) and, at
-            every epoch end, the centred Gram matrix of its outputs on a
-            fixed probe batch. One `.npz` per run, written when the run ends;
-            runs already on disk are skipped, so an interrupted collection
-            resumes.
+  collect   trains a zoo of small reference models and records, per
+            freezable unit, its sampled weights `window_size` times per
+            epoch (the package's own `find_units`, `draw_sample_positions`,
+            `WeightSampler` and `SnapshotCadence`, so training data and
+            inference see identical windows) and, at every epoch end, the
+            centred Gram matrix of its outputs on a fixed probe batch.
+            From scratch: MLP, small CNN, ResNet-style CNN, keras-hub ViT on
+            Fashion-MNIST; the CNN on MNIST; keras-hub BERT on Rotten
+            Tomatoes. Fine-tuning (`*_ft`): the CNN and the MLP pretrained on
+            MNIST, the ResNet-style CNN on Fashion-MNIST (a few hundred
+            steps with their from-scratch optimizer, not recorded), then the
+            head re-initialised and the whole model fine-tuned on the other
+            dataset with a small learning rate (Adam 5e-4 or SGD 0.005
+            momentum 0.9); only the fine-tuning is recorded, the pretraining
+            recipe goes into the run's meta. Optionally MiniLM fine-tuning.
+            One `.npz` per run, written when the run ends; runs already on
+            disk are skipped, so an interrupted collection resumes.
   label     linear CKA of every unit's probe outputs at each epoch against the
             final model's; the window ending at epoch e is labelled "freeze"
             when CKA >= threshold at e and at every later epoch. Writes one
@@ -381,17 +387,60 @@ def build_minilm(data, steps_per_epoch, epochs):
     return _compile(model, keras.optimizers.AdamW(3e-5, weight_decay=0.01))
 
 
+def finetune_adam(steps_per_epoch, epochs):
+    """Fine-tuning optimizer: Adam, learning rate 5e-4, constant."""
+    return keras.optimizers.Adam(5e-4)
+
+
+def finetune_sgd(steps_per_epoch, epochs):
+    """Fine-tuning optimizer: SGD, learning rate 0.005, momentum 0.9."""
+    return keras.optimizers.SGD(0.005, momentum=0.9)
+
+
 @dataclasses.dataclass(frozen=True)
 class Architecture:
-    """One member of the zoo, with its full-size training recipe."""
+    """One member of the zoo, with its full-size training recipe.
+
+    With `pretrain_dataset` set the member is a fine-tuning run: the model
+    its builder returns is first trained, unrecorded, for `pretrain_steps`
+    batches of `pretrain_dataset` with the builder's own (from-scratch)
+    optimizer, then recompiled with `finetune_optimizer(steps_per_epoch,
+    epochs)` and, with `new_head`, its head (the last layer, a Dense) drawn
+    afresh; the recorded run is the fit on `dataset` that follows
+    (`pretrain`, `collect_run`).
+    """
 
     dataset: str
     build: object
     batch_size: int
     epochs: int
     train_size: int = None  # examples per epoch; None: the whole split
+    pretrain_dataset: str = None  # None: trained from scratch
+    pretrain_steps: int = 0  # batches of `pretrain_dataset`
+    finetune_optimizer: object = None  # (steps_per_epoch, epochs) -> optimizer
+    new_head: bool = True  # re-initialise the head before fine-tuning
+
+    def __post_init__(self):
+        if self.pretrain_dataset is not None and (
+            self.pretrain_steps < 1 or self.finetune_optimizer is None
+        ):
+            raise ValueError(
+                "A fine-tuning architecture needs pretrain_steps >= 1 and a "
+                "finetune_optimizer."
+            )
+
+    @property
+    def fine_tuning(self):
+        return self.pretrain_dataset is not None
 
 
+# The fine-tuning members: a body pretrained on one 28x28x1 10-class task,
+# then all of it fine-tuned on the other with a small learning rate. The
+# head is re-initialised, as when a classifier changes tasks (the label
+# sets differ in meaning), so fine-tuning starts from a pretrained body and
+# an untrained head. Pretraining is seeded like the rest of the run, so each
+# seed has its own pretrained model. Full-size runs take at most about five
+# minutes on two CPU cores, pretraining included.
 ARCHITECTURES = {
     "mlp": Architecture("fashion_mnist", build_mlp, 128, 20, 20000),
     "cnn": Architecture("fashion_mnist", build_cnn, 64, 15, 20000),
@@ -401,6 +450,26 @@ ARCHITECTURES = {
     "bert": Architecture("rotten_tomatoes", build_bert, 32, 8),
     "minilm": Architecture(
         "rotten_tomatoes_wordpiece", build_minilm, 32, 3, 2048
+    ),
+    # MNIST -> Fashion-MNIST, Adam 5e-4: a pretrained CNN fine-tuned with
+    # a small learning rate, where a predictor that saw only from-scratch
+    # runs froze early layers too soon.
+    "cnn_ft": Architecture(
+        "fashion_mnist", build_cnn, 64, 10, 12800,
+        pretrain_dataset="mnist", pretrain_steps=600,
+        finetune_optimizer=finetune_adam,
+    ),
+    # MNIST -> Fashion-MNIST, SGD 0.005 momentum 0.9.
+    "mlp_ft": Architecture(
+        "fashion_mnist", build_mlp, 128, 12, 12800,
+        pretrain_dataset="mnist", pretrain_steps=600,
+        finetune_optimizer=finetune_sgd,
+    ),
+    # Fashion-MNIST -> MNIST, Adam 5e-4; held out in the full profile.
+    "resnet_ft": Architecture(
+        "mnist", build_resnet, 64, 8, 12800,
+        pretrain_dataset="fashion_mnist", pretrain_steps=600,
+        finetune_optimizer=finetune_adam,
     ),
 }
 
@@ -423,6 +492,7 @@ class Profile:
     predictor: dict = dataclasses.field(default_factory=dict)
     train_epochs: int = 60
     arch_seeds: dict = dataclasses.field(default_factory=dict)
+    pretrain_steps: int = None  # of every fine-tuning architecture
 
     def seeds_of(self, arch):
         """The seeds collected for `arch`: `arch_seeds[arch]` or `seeds`."""
@@ -437,6 +507,13 @@ class Profile:
             self.batch_size or spec.batch_size,
         )
 
+    def pretrain_steps_of(self, arch):
+        """Pretraining batches of `arch`'s runs; 0 for a from-scratch one."""
+        spec = ARCHITECTURES[arch]
+        if not spec.fine_tuning:
+            return 0
+        return self.pretrain_steps or spec.pretrain_steps
+
     def run_settings(self):
         """The settings every run of a collection must share."""
         return {
@@ -449,20 +526,24 @@ class Profile:
 PROFILES = {
     "full": Profile(
         name="full",
-        archs=("mlp", "cnn", "cnn_mnist", "resnet", "vit", "bert"),
+        archs=(
+            "mlp", "cnn", "cnn_mnist", "resnet", "vit", "bert",
+            "cnn_ft", "mlp_ft", "resnet_ft",
+        ),
         seeds=(0, 1, 2),
         window_size=30,
         sample_size=1024,
         probe_size=256,
         validation_size=2000,
-        holdout=("resnet", "bert"),
+        # One from-scratch CNN, one transformer, one fine-tuned CNN.
+        holdout=("resnet", "bert", "resnet_ft"),
         # The slowest two on 2 cores (ViT about 14 min a run, BERT 12): the
         # shipped predictor was trained on these seeds.
         arch_seeds={"vit": (0,), "bert": (0, 1)},
     ),
     "quick": Profile(
         name="quick",
-        archs=("mlp", "cnn", "resnet", "vit", "bert"),
+        archs=("mlp", "cnn", "resnet", "vit", "bert", "cnn_ft"),
         seeds=(0,),
         window_size=8,
         sample_size=128,
@@ -478,6 +559,7 @@ PROFILES = {
             "classifier_units": 16,
         },
         train_epochs=3,
+        pretrain_steps=8,
     ),
 }
 
@@ -548,6 +630,7 @@ class RunRecorder(keras.callbacks.Callback):
         self.snapshot_steps = []
         self.epoch_end_steps = []
         self.grams = []
+        self.initial_grams = None
         self.logs = collections.defaultdict(list)
         self._step = 0
         self._epoch_start = 0
@@ -555,6 +638,14 @@ class RunRecorder(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self._sampler = WeightSampler(self.units, self.positions)
         self._cadence = SnapshotCadence(self.window_size, self.params["steps"])
+        # The starting point's representations: the total change a unit
+        # makes in the run, which the `remaining_fraction` label rule needs.
+        self.initial_grams = self._probe_grams()
+
+    def _probe_grams(self):
+        layers = [unit.layers[-1] for unit in self.units]
+        outputs = unit_outputs(self.model, layers, self.probe_inputs)
+        return [normalized_gram(o) for o in outputs]
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_start = self._step
@@ -567,9 +658,7 @@ class RunRecorder(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.epoch_end_steps.append(self._step)
-        layers = [unit.layers[-1] for unit in self.units]
-        outputs = unit_outputs(self.model, layers, self.probe_inputs)
-        self.grams.append([normalized_gram(o) for o in outputs])
+        self.grams.append(self._probe_grams())
         for key, value in (logs or {}).items():
             self.logs[key].append(float(value))
         if self.progress is not None:
@@ -591,11 +680,102 @@ def _save_npz(path, **arrays):
     os.replace(partial, path)
 
 
+def _check_same_task_shape(pretrain_data, data):
+    """Pretraining and fine-tuning must share inputs and classes."""
+    if (pretrain_data.info != data.info
+            or pretrain_data.num_classes != data.num_classes):
+        raise ValueError(
+            f"Cannot fine-tune on '{data.name}' ({data.info}, "
+            f"{data.num_classes} classes) a model pretrained on "
+            f"'{pretrain_data.name}' ({pretrain_data.info}, "
+            f"{pretrain_data.num_classes} classes)."
+        )
+
+
+def pretrain(model, data, steps, batch_size, seed):
+    """Trains `model` for `steps` batches of `data`; nothing is recorded.
+
+    The model keeps the optimizer its builder compiled it with. The batches
+    come from a seeded sample of `steps * batch_size` training examples (the
+    whole split, reshuffled on every pass, when it is smaller). Returns a
+    summary for the run's meta.
+    """
+    rng = np.random.default_rng([seed, 1])  # not the fine-tuning sample's
+    num_train = _length(data.x_train)
+    index = rng.permutation(num_train)[: steps * batch_size]
+    batches = _batches(
+        _take(data.x_train, index), data.y_train[index], batch_size,
+        shuffle_seed=seed,
+    ).repeat()
+    started = time.time()
+    history = model.fit(
+        batches, epochs=1, steps_per_epoch=steps, shuffle=False, verbose=0
+    )
+    return {
+        "dataset": data.name,
+        "steps": int(steps),
+        "batch_size": int(batch_size),
+        "examples": int(len(index)),
+        "optimizer": _optimizer_summary(model.optimizer),
+        "seconds": round(time.time() - started, 1),
+        # Running means over the pretraining steps (Keras' epoch logs).
+        "history": {k: float(v[-1]) for k, v in history.history.items()},
+    }
+
+
+def reinitialize_head(model, seed):
+    """Draws the head (the model's last layer, a Dense) afresh, seeded."""
+    head = model.layers[-1]
+    if not isinstance(head, keras.layers.Dense):
+        raise TypeError(
+            f"The head of '{model.name}' is a {type(head).__name__}, not a "
+            "Dense layer: cannot re-initialise it."
+        )
+    for variable, initializer in (
+        (head.kernel, head.kernel_initializer),
+        (head.bias, head.bias_initializer),
+    ):
+        if variable is None:
+            continue
+        config = initializer.get_config()
+        if "seed" in config:
+            config["seed"] = seed
+        fresh = type(initializer).from_config(config)
+        variable.assign(fresh(variable.shape, variable.dtype))
+
+
+def _optimizer_summary(optimizer):
+    """The optimizer's class and scalar settings (JSON-safe)."""
+    config = optimizer.get_config()
+    summary = {"class": type(optimizer).__name__}
+    for key in ("learning_rate", "momentum", "nesterov", "weight_decay"):
+        value = config.get(key)
+        if isinstance(value, bool):
+            summary[key] = value
+        elif isinstance(value, (int, float)):  # float32 values, rounded
+            summary[key] = float(f"{value:.6g}")
+        elif isinstance(value, dict):  # a schedule
+            summary[key] = value.get("class_name", "schedule")
+    return summary
+
+
 def collect_run(arch, seed, profile, out_dir, verbose=1):
     """Trains one reference run, saves it as `<out_dir>/run-<arch>-s<seed>.npz`.
+
+    A fine-tuning architecture (`Architecture.pretrain_dataset`) is first
+    built for and trained on its pretraining task (`pretrain`, for
+    `profile.pretrain_steps_of(arch)` batches, not recorded), then
+    recompiled with its fine-tuning optimizer, its head re-initialised
+    (`new_head`); snapshots, probe Grams, history and the final model are
+    those of the fine-tuning fit alone. Its meta says how it was pretrained
+    (`meta["pretrain"]`, None for a from-scratch run).
     """
     spec = ARCHITECTURES[arch]
     data = DATASETS[spec.dataset]()
+    pretrain_data = None
+    if spec.fine_tuning:
+        pretrain_data = DATASETS[spec.pretrain_dataset]()
+        _check_same_task_shape(pretrain_data, data)
     epochs, train_size, batch_size = profile.recipe(arch)
     rng = np.random.default_rng(seed)
     num_train = _length(data.x_train)
@@ -613,7 +793,24 @@ def collect_run(arch, seed, profile, out_dir, verbose=1):
     validation_index = test_order[: profile.validation_size]
 
     keras.utils.set_random_seed(seed)
-    model = spec.build(data, steps_per_epoch, epochs)
+    pretrain_info = None
+    if pretrain_data is None:
+        model = spec.build(data, steps_per_epoch, epochs)
+    else:
+        steps = profile.pretrain_steps_of(arch)
+        # Built for the pretraining: the builder's schedules span its steps.
+        model = spec.build(pretrain_data, steps, 1)
+        pretrain_info = pretrain(model, pretrain_data, steps, batch_size, seed)
+        if spec.new_head:
+            reinitialize_head(model, seed)
+        _compile(model, spec.finetune_optimizer(steps_per_epoch, epochs))
+        pretrain_info["new_head"] = spec.new_head
+        _say(
+            verbose,
+            f"  pretrained on {pretrain_data.name}: {steps} steps, "
+            f"{pretrain_info['seconds']:.0f} s, accuracy "
+            f"{pretrain_info['history'].get('accuracy', float('nan')):.3f}",
+        )
     units = find_units(model)
     progress = (
         keras.utils.Progbar(epochs, unit_name="epoch") if verbose else None
@@ -657,6 +854,8 @@ def collect_run(arch, seed, profile, out_dir, verbose=1):
         "settings": profile.run_settings(),
         "seconds": round(time.time() - started, 1),
         "history": dict(recorder.logs),
+        "optimizer": _optimizer_summary(model.optimizer),
+        "pretrain": pretrain_info,
     }
     path = pathlib.Path(out_dir) / run_filename(arch, seed)
     _save_npz(
@@ -665,6 +864,7 @@ def collect_run(arch, seed, profile, out_dir, verbose=1):
         snapshot_steps=np.array(recorder.snapshot_steps, np.int64),
         epoch_end_steps=np.array(recorder.epoch_end_steps, np.int64),
         grams=np.stack([np.stack(g) for g in recorder.grams], axis=1),
+        initial_grams=np.stack(recorder.initial_grams),
         unit_names=np.array([u.name for u in units]),
         unit_params=np.array([u.num_params for u in units], np.int64),
         meta=np.array(json.dumps(meta)),
@@ -738,12 +938,27 @@ def cka_to_final(grams):
     )
 
 
-def freeze_labels(cka_curve, threshold=DEFAULT_CKA_THRESHOLD):
+def freeze_labels(cka_curve, threshold=DEFAULT_CKA_THRESHOLD,
+                  start_cka=None, remaining_fraction=None):
     """The label rule: 1 ("freeze") at epoch e if CKA >= threshold from e on.
+
+    With `remaining_fraction` the rule is also relative to the change the
+    unit makes over the whole run: "freeze" at e only if, from e on, the
+    distance left to the final representation, `1 - CKA`, is at most
+    `remaining_fraction` times the whole run's, `1 - start_cka`. A unit
+    that travels far over its run (start CKA 0.3-0.5 for the deep units of
+    the zoo's from-scratch ResNet) gets little from this beyond `threshold`;
+    one that starts close to where it ends (0.89-1.0 for 9 of the 15 units
+    of the fine-tuned `resnet_ft`) must make most of its small change before it is
+    labelled "freeze" (`benchmarks/results/label_rule.md`).
 
     Args:
         cka_curve: `(units, epochs)` CKA to the final model (`cka_to_final`).
         threshold: the CKA a unit must reach and keep.
+        start_cka: `(units,)` CKA of the starting model's representation
+            with the final one; needed with `remaining_fraction`.
+        remaining_fraction: `None` (absolute rule only) or a share in
+            (0, 1].
 
     Returns:
         `(units, epochs)` int8 array: 1 freeze, 0 keep training, -1 unknown
@@ -753,6 +968,18 @@ def freeze_labels(cka_curve, threshold=DEFAULT_CKA_THRESHOLD):
     curve = np.asarray(cka_curve, dtype=np.float64)
     known = np.isfinite(curve)
     fails = known & (curve < threshold)
+    if remaining_fraction is not None:
+        if not 0.0 < remaining_fraction <= 1.0:
+            raise ValueError(
+                "remaining_fraction must be in (0, 1]; received "
+                f"{remaining_fraction!r}."
+            )
+        if start_cka is None:
+            raise ValueError("remaining_fraction needs start_cka.")
+        total = 1.0 - np.asarray(start_cka, dtype=np.float64)[:, None]
+        # An undefined start leaves the relative part unknown: absolute only.
+        relative = np.where(np.isfinite(total), total, np.inf)
+        fails |= known & ((1.0 - curve) > remaining_fraction * relative)
 
     def from_e_on(reduce, mask):  # reduce over epochs e, e+1, ..., last
         return np.flip(reduce.accumulate(np.flip(mask, 1), 1), 1)
@@ -786,8 +1013,43 @@ def epoch_windows(snapshot_steps, epoch_end_steps, window_size):
     return windows
 
 
-def label(runs_dir, out_path, threshold=DEFAULT_CKA_THRESHOLD, verbose=1):
+def run_paths(runs_dir):
+    """The finished run files in `runs_dir`, sorted; raises if there are none.
+    """
+    paths = sorted(pathlib.Path(runs_dir).glob(f"{RUN_PREFIX}*.npz"))
+    paths = [p for p in paths if not p.name.endswith(".partial.npz")]
+    if not paths:
+        raise FileNotFoundError(
+            f"No '{RUN_PREFIX}*.npz' run files in '{runs_dir}'."
+        )
+    return paths
+
+
+def start_cka(run):
+    """`(units,)` CKA of a run's starting representations with its final.
+
+    Raises a `ValueError` for a run collected before `initial_grams` was
+    recorded.
+    """
+    if "initial_grams" not in run.files:
+        raise ValueError(
+            f"'{getattr(run.fid, 'name', 'This run')}' has no initial_grams "
+            "(collected by an older version): collect it again, or label "
+            "it without remaining_fraction."
+        )
+    return np.array([
+        cka.cka_from_grams(start, unit[-1])
+        for start, unit in zip(run["initial_grams"], run["grams"])
+    ])
+
+
+def label(runs_dir, out_path, threshold=DEFAULT_CKA_THRESHOLD,
+          remaining_fraction=None, verbose=1):
     """Labels every run in `runs_dir`; writes the predictor's dataset.
+
+    `threshold` and `remaining_fraction` are the label rule's
+    (`freeze_labels`); runs collected before `initial_grams` was recorded
+    cannot be labelled with `remaining_fraction` (a `ValueError` says so).
 
     One example per (run, unit, epoch) except the head (the last unit, which
     never freezes), the last epoch (CKA with itself is 1 by definition) and
@@ -797,12 +1059,7 @@ def label(runs_dir, out_path, threshold=DEFAULT_CKA_THRESHOLD, verbose=1):
     Returns:
         A summary dict: windows and positive share per architecture.
     """
-    paths = sorted(pathlib.Path(runs_dir).glob(f"{RUN_PREFIX}*.npz"))
-    paths = [p for p in paths if not p.name.endswith(".partial.npz")]
-    if not paths:
-        raise FileNotFoundError(
-            f"No '{RUN_PREFIX}*.npz' run files in '{runs_dir}'."
-        )
+    paths = run_paths(runs_dir)
     columns = collections.defaultdict(list)
     settings = None
     progress = None
@@ -819,7 +1076,10 @@ def label(runs_dir, out_path, threshold=DEFAULT_CKA_THRESHOLD, verbose=1):
                     f"runs {settings}: label one collection at a time."
                 )
             curve = cka_to_final(run["grams"])
-            labels = freeze_labels(curve, threshold)
+            start = None
+            if remaining_fraction is not None:
+                start = start_cka(run)
+            labels = freeze_labels(curve, threshold, start, remaining_fraction)
             windows = epoch_windows(
                 run["snapshot_steps"], run["epoch_end_steps"],
                 settings["window_size"],
@@ -854,6 +1114,7 @@ def label(runs_dir, out_path, threshold=DEFAULT_CKA_THRESHOLD, verbose=1):
         "format_version": DATASET_FORMAT_VERSION,
         "settings": settings,
         "cka_threshold": threshold,
+        "remaining_fraction": remaining_fraction,
         "normalization": predictor_lib.NORMALIZATION,
         "runs": [p.stem for p in paths],
     }
@@ -1373,13 +1634,21 @@ def build_parser():
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("collect", help="train the reference zoo, record runs")
+    p = sub.add_parser(
+        "collect",
+        help="train the reference zoo (from scratch and fine-tuning), "
+             "record runs",
+    )
     p.add_argument("--out", required=True, help="directory of run files")
     p.add_argument(
-        "--quick", action="store_true", help="tiny runs (smoke test)"
+        "--quick", action="store_true",
+        help="tiny runs (smoke test; fine-tuning runs pretrain for only "
+             f"{PROFILES['quick'].pretrain_steps} steps)",
     )
     p.add_argument(
-        "--archs", type=_csv, help=f"subset of {','.join(ARCHITECTURES)}"
+        "--archs", type=_csv,
+        help=f"subset of {','.join(ARCHITECTURES)} (the *_ft ones are "
+             "pretrained on another dataset, then fine-tuned)",
     )
     p.add_argument("--seeds", type=_seeds, help="comma-separated seeds")
     p.add_argument("--with-minilm", action="store_true",
@@ -1390,6 +1659,10 @@ def build_parser():
     p.add_argument("--out", help="dataset file (default: RUNS/dataset.npz)")
     p.add_argument("--cka-threshold", type=float, default=DEFAULT_CKA_THRESHOLD,
                    help="CKA to reach and keep (default %(default)s)")
+    p.add_argument("--remaining-fraction", type=float, default=None,
+                   help="also require 1-CKA to the final model to stay at "
+                        "most this share of the run's total 1-CKA from its "
+                        "start (default: off)")
 
     p = sub.add_parser("train", help="fit the predictor")
     p.add_argument("--data", required=True, help="dataset file from `label`")
@@ -1442,7 +1715,8 @@ def main(argv=None):
         collect(args.out, profile, archs=archs, seeds=args.seeds)
     elif args.command == "label":
         label(args.runs, args.out or pathlib.Path(args.runs) / "dataset.npz",
-              threshold=args.cka_threshold)
+              threshold=args.cka_threshold,
+              remaining_fraction=args.remaining_fraction)
     elif args.command == "train":
         train(
             args.data,
