@@ -334,6 +334,10 @@ def limits(results):
 def write(results, report_path, plots_dir):
     """Writes the markdown report (and the plots) for `results`."""
     report_path = pathlib.Path(report_path)
+    # Scenarios in their numbered order, whatever order the runs came in
+    # (a resumed suite appends the scenarios it adds).
+    results = dict(results, scenarios=dict(sorted(
+        results["scenarios"].items(), key=lambda item: item[1]["title"])))
     stem = "suite_quick" if results["profile"] == "quick" else "suite"
     plots = plot(results, plots_dir, stem)
     summary = summarize(results)
@@ -528,8 +532,8 @@ def write(results, report_path, plots_dir):
         "```bash",
         "bash tools/setup.sh                 # data and packages, offline "
         "afterwards",
-        "python benchmarks/suite.py          # full suite: about 2 h on 2 "
-        "idle cores (estimate), 3.5-4 h beside another job",
+        "python benchmarks/suite.py          # full suite: about 2.5 h on "
+        "2 cores (measured in parts, see the analysis)",
         "python benchmarks/suite.py --quick  # smoke run, a few minutes",
         "python benchmarks/suite.py --render # this file and the plots from "
         "benchmarks/results/suite.json",

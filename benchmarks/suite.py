@@ -30,7 +30,7 @@ Per-scenario sizes (epochs, steps, batch, seeds, for the full suite and for
 
 Usage (from the repository root):
 
-    python benchmarks/suite.py                   # the full suite, about 2 h
+    python benchmarks/suite.py                   # the full suite, about 2.5 h
     python benchmarks/suite.py --quick           # smoke run, a few minutes
     python benchmarks/suite.py --predictor DIR   # a predictor other than the
                                                  # shipped one (for SmartFRZ)
@@ -907,17 +907,24 @@ def main(argv=None):
     if args.resume and pathlib.Path(args.out).is_file():
         previous = json.loads(pathlib.Path(args.out).read_text())
         # Keep only runs made with the same sizes (and predictor).
+        # Compared as JSON sees them: the json file holds lists for tuples.
         same = {
             name: info for name, info in previous.get("scenarios", {}).items()
-            if name in SIZES and info.get("size") == dataclasses.asdict(
-                SIZES[name][profile])
+            if name in SIZES and info.get("size") == json.loads(json.dumps(
+                dataclasses.asdict(SIZES[name][profile])))
         }
         if previous.get("profile") == profile and previous.get(
                 "predictor") == results["predictor"]:
             results["scenarios"] = same
             results["runs"] = [r for r in previous.get("runs", [])
                                if r["scenario"] in same]
+            # The results were made by every command that added runs.
+            results["command"] = (f"{previous['command']}; then "
+                                  f"{results['command']}")
             log(f"resuming: {len(results['runs'])} runs kept from {args.out}")
+        else:
+            log(f"not resuming: {args.out} was made with another profile or "
+                "predictor")
     done = {(r["scenario"], r["seed"], r["method"]) for r in results["runs"]}
 
     plan = []

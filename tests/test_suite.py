@@ -177,6 +177,17 @@ def test_quick_suite_one_scenario(tmp_path, predictor):
     assert (smart["flops_saved"] > 0.0) == bool(frozen_early)
     assert "QUICK SMOKE RUN" in (tmp_path / "BENCHMARKS.md").read_text()
     assert results["runs"] == saved["runs"]
+    # --resume keeps both runs (the json's lists match the sizes' tuples)
+    # and runs only the method that is new.
+    suite.main([
+        "--quick", "--scenarios", "resnet_scratch", "--methods", "full",
+        "smartfrz", "linear", "--predictor", predictor, "--out", str(out),
+        "--no-report", "--resume",
+    ])
+    resumed = json.loads(out.read_text())
+    assert [r["method"] for r in resumed["runs"]] == [
+        "full", "smartfrz", "linear"]
+    assert resumed["runs"][:2] == saved["runs"]
 
 
 @pytest.mark.slow
