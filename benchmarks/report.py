@@ -331,14 +331,20 @@ def limits(results):
 
 
 # ---------------------------------------------------------------- report
-def write(results, report_path, plots_dir):
-    """Writes the markdown report (and the plots) for `results`."""
+def write(results, report_path, plots_dir, stem=None):
+    """Writes the markdown report (and the plots) for `results`.
+
+    `stem` names the plots (`<stem>_*.png`) and the hand-written notes
+    pasted in (`benchmarks/results/<stem>_notes.md`); by default `suite` or
+    `suite_quick`, after the profile.
+    """
     report_path = pathlib.Path(report_path)
     # Scenarios in their numbered order, whatever order the runs came in
     # (a resumed suite appends the scenarios it adds).
     results = dict(results, scenarios=dict(sorted(
         results["scenarios"].items(), key=lambda item: item[1]["title"])))
-    stem = "suite_quick" if results["profile"] == "quick" else "suite"
+    if stem is None:
+        stem = "suite_quick" if results["profile"] == "quick" else "suite"
     plots = plot(results, plots_dir, stem)
     summary = summarize(results)
     machine = results["machine"]
@@ -497,8 +503,12 @@ def write(results, report_path, plots_dir):
         "method).",
         "- **Methods.** `SmartFRZ()`, `LinearFreezing()`, `AutoFreeze()`: "
         "their defaults (prefix mode, `min_epochs=1`, one freezing stage per "
-        "epoch, frozen BatchNormalization keeps batch statistics). "
-        "Untuned: the same arguments in every scenario.",
+        "epoch), frozen BatchNormalization "
+        + ("in inference mode (`frozen_batchnorm=\"inference\"`, "
+           "`--frozen-batchnorm inference`)"
+           if results.get("frozen_batchnorm") == "inference"
+           else "keeping batch statistics (the default)")
+        + ". Untuned: the same arguments in every scenario.",
         "- **Times.** `fit` only (evaluation excluded), wall clock "
         "(`time.perf_counter`) and process CPU time (`time.process_time`); "
         "ratios pair each run with full training of the same seed in the "

@@ -36,6 +36,10 @@ Usage (from the repository root):
                                                  # shipped one (for SmartFRZ)
     python benchmarks/suite.py --scenarios vit_scratch --seeds 0 1
     python benchmarks/suite.py --resume          # skip runs already in --out
+    python benchmarks/suite.py --frozen-batchnorm inference --out F.json
+                                                 # every freezing method
+                                                 # with frozen BN in
+                                                 # inference mode
     python benchmarks/suite.py --render          # rewrite BENCHMARKS.md and
                                                  # the plots from the json
 
@@ -456,16 +460,18 @@ def make_dataset(x, y, batch_size, seed):
     return dataset.batch(batch_size, drop_remainder=True).prefetch(2)
 
 
-def make_freezer(method, predictor):
-    """The callback of one method, with its default arguments."""
+def make_freezer(method, predictor, frozen_batchnorm="batch_statistics"):
+    """The callback of one method, with its default arguments (but
+    `frozen_batchnorm`, which the suite can set for every method)."""
     if method == "full":
         return None
     if method == "smartfrz":
-        return keras_smartfrz.SmartFRZ(predictor=predictor)
+        return keras_smartfrz.SmartFRZ(predictor=predictor,
+                                       frozen_batchnorm=frozen_batchnorm)
     if method == "linear":
-        return keras_smartfrz.LinearFreezing()
+        return keras_smartfrz.LinearFreezing(frozen_batchnorm=frozen_batchnorm)
     if method == "autofreeze":
-        return keras_smartfrz.AutoFreeze()
+        return keras_smartfrz.AutoFreeze(frozen_batchnorm=frozen_batchnorm)
     raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}.")
 
 
@@ -582,14 +588,15 @@ class FlopsModel:
         return self.counter.step(paths)
 
 
-def run_one(scenario, size, task, flops, method, seed, predictor, label):
+def run_one(scenario, size, task, flops, method, seed, predictor, label,
+            frozen_batchnorm="batch_statistics"):
     """One training run; returns its measurements as a dict."""
     keras.backend.clear_session()
     keras.utils.set_random_seed(seed)
     model = scenario.build(size)
     model.set_weights(task.initial_weights)
     scenario.compile(model, size)
-    freezer = make_freezer(method, predictor)
+    freezer = make_freezer(method, predictor, frozen_batchnorm)
     timer = HookTimer(freezer) if freezer is not None else None
     epoch_log = EpochLog(label)
     callbacks = ([freezer] if freezer is not None else []) + [epoch_log]
@@ -816,7 +823,7 @@ def run_scenario(name, profile, runs, results, args, progress):
         label = f"{name} seed {seed} {METHOD_LABELS[method]}"
         log(f"  run {progress['count']}/{progress['total']}: {label}")
         row = run_one(scenario, size, task, flops, method, seed,
-                      args.predictor, label)
+                      args.predictor, label, args.frozen_batchnorm)
         row["order"] = progress["count"]
         results["runs"].append(row)
         results["finished"] = datetime.datetime.now().isoformat(
@@ -848,6 +855,11 @@ def parse_args(argv=None):
                         help="SmartFRZ's predictor: a directory or file "
                         "stem saved by keras_smartfrz.save_predictor "
                         "(default: the one shipped in the package)")
+    parser.add_argument("--frozen-batchnorm", default="batch_statistics",
+                        choices=("batch_statistics", "inference"),
+                        help="what a frozen BatchNormalization does, for "
+                        "every freezing method (default: the callbacks' "
+                        "default, batch_statistics)")
     parser.add_argument("--out", default=None,
                         help="results json (default benchmarks/results/"
                         "suite.json, suite_quick.json with --quick)")
@@ -882,7 +894,8 @@ def main(argv=None):
 
     if args.render:
         results = json.loads(pathlib.Path(args.out).read_text())
-        report_lib.write(results, args.report, args.plots)
+        report_lib.write(results, args.report, args.plots,
+                         pathlib.Path(args.out).stem)
         log(f"wrote {args.report} and plots in {args.plots}")
         return results
 
@@ -901,6 +914,7 @@ def main(argv=None):
         "predictor": (predictor_info(args.predictor)
                       if "smartfrz" in args.methods else None),
         "methods": list(args.methods),
+        "frozen_batchnorm": args.frozen_batchnorm,
         "scenarios": {},
         "runs": [],
     }
@@ -913,8 +927,10 @@ def main(argv=None):
             if name in SIZES and info.get("size") == json.loads(json.dumps(
                 dataclasses.asdict(SIZES[name][profile])))
         }
-        if previous.get("profile") == profile and previous.get(
-                "predictor") == results["predictor"]:
+        if (previous.get("profile") == profile
+                and previous.get("predictor") == results["predictor"]
+                and previous.get("frozen_batchnorm", "batch_statistics")
+                == args.frozen_batchnorm):
             results["scenarios"] = same
             results["runs"] = [r for r in previous.get("runs", [])
                                if r["scenario"] in same]
@@ -923,8 +939,8 @@ def main(argv=None):
                                   f"{results['command']}")
             log(f"resuming: {len(results['runs'])} runs kept from {args.out}")
         else:
-            log(f"not resuming: {args.out} was made with another profile or "
-                "predictor")
+            log(f"not resuming: {args.out} was made with another profile, "
+                "predictor or frozen_batchnorm")
     done = {(r["scenario"], r["seed"], r["method"]) for r in results["runs"]}
 
     plan = []
@@ -959,7 +975,8 @@ def main(argv=None):
             save(results, args.out)
     save(results, args.out)
     if not args.no_report:
-        report_lib.write(results, args.report, args.plots)
+        report_lib.write(results, args.report, args.plots,
+                         pathlib.Path(args.out).stem)
         log(f"wrote {args.out}, {args.report} and plots in {args.plots}")
     return results
 

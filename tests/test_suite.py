@@ -211,3 +211,14 @@ def test_target_two_needs_a_real_saving():
     lines = report.targets(results, report.summarize(results))
     assert ": missed" in lines[0] and ": missed" in lines[1]
     assert "the baseline saved nothing" in lines[1]
+
+
+def test_frozen_batchnorm_reaches_every_freezing_method():
+    assert suite.parse_args([]).frozen_batchnorm == "batch_statistics"
+    args = suite.parse_args(["--frozen-batchnorm", "inference"])
+    for method in ("linear", "autofreeze"):
+        freezer = suite.make_freezer(method, None, args.frozen_batchnorm)
+        assert freezer.get_config()["frozen_batchnorm"] == "inference"
+    assert suite.make_freezer("full", None, "inference") is None
+    with pytest.raises(SystemExit):
+        suite.parse_args(["--frozen-batchnorm", "train"])
