@@ -837,6 +837,39 @@ def run_scenario(name, profile, runs, results, args, progress):
             f"{len(row['freeze_epochs'])}/{len(flops.unit_names)} units")
 
 
+def resume_from(previous, results, profile, frozen_batchnorm):
+    """Moves into `results` the runs of `previous` that this suite would make.
+
+    Kept: runs of scenarios whose sizes are unchanged, made with the same
+    profile and `frozen_batchnorm`. A SmartFRZ run is kept only if it used
+    the same predictor; the other methods do not use one, so a new
+    predictor re-runs only SmartFRZ. Returns what was done, as a sentence.
+    """
+    if (previous.get("profile") != profile
+            or previous.get("frozen_batchnorm", "batch_statistics")
+            != frozen_batchnorm):
+        return "not resuming: made with another profile or frozen_batchnorm"
+    # Compared as JSON sees them: the json file holds lists for tuples.
+    same = {
+        name: info for name, info in previous.get("scenarios", {}).items()
+        if name in SIZES and info.get("size") == json.loads(json.dumps(
+            dataclasses.asdict(SIZES[name][profile])))
+    }
+    if results["predictor"] is None:  # this call runs no SmartFRZ
+        results["predictor"] = previous.get("predictor")
+    same_predictor = previous.get("predictor") in (None, results["predictor"])
+    runs = [r for r in previous.get("runs", []) if r["scenario"] in same]
+    kept = [r for r in runs if same_predictor or r["method"] != "smartfrz"]
+    results["scenarios"] = same
+    results["runs"] = kept
+    # The results were made by every command that added runs.
+    results["command"] = f"{previous['command']}; then {results['command']}"
+    dropped = len(runs) - len(kept)
+    return (f"resuming: {len(kept)} runs kept" + (
+        f", {dropped} SmartFRZ runs made with another predictor dropped"
+        if dropped else ""))
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="SmartFRZ against full training, LinearFreezing and "
@@ -920,27 +953,9 @@ def main(argv=None):
     }
     if args.resume and pathlib.Path(args.out).is_file():
         previous = json.loads(pathlib.Path(args.out).read_text())
-        # Keep only runs made with the same sizes (and predictor).
-        # Compared as JSON sees them: the json file holds lists for tuples.
-        same = {
-            name: info for name, info in previous.get("scenarios", {}).items()
-            if name in SIZES and info.get("size") == json.loads(json.dumps(
-                dataclasses.asdict(SIZES[name][profile])))
-        }
-        if (previous.get("profile") == profile
-                and previous.get("predictor") == results["predictor"]
-                and previous.get("frozen_batchnorm", "batch_statistics")
-                == args.frozen_batchnorm):
-            results["scenarios"] = same
-            results["runs"] = [r for r in previous.get("runs", [])
-                               if r["scenario"] in same]
-            # The results were made by every command that added runs.
-            results["command"] = (f"{previous['command']}; then "
-                                  f"{results['command']}")
-            log(f"resuming: {len(results['runs'])} runs kept from {args.out}")
-        else:
-            log(f"not resuming: {args.out} was made with another profile, "
-                "predictor or frozen_batchnorm")
+        message = resume_from(previous, results, profile,
+                              args.frozen_batchnorm)
+        log(f"{message} ({args.out})")
     done = {(r["scenario"], r["seed"], r["method"]) for r in results["runs"]}
 
     plan = []

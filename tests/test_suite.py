@@ -222,3 +222,58 @@ def test_frozen_batchnorm_reaches_every_freezing_method():
     assert suite.make_freezer("full", None, "inference") is None
     with pytest.raises(SystemExit):
         suite.parse_args(["--frozen-batchnorm", "train"])
+
+
+def _previous_suite(predictor="P1", frozen_batchnorm="batch_statistics"):
+    size = json.loads(json.dumps(
+        suite.dataclasses.asdict(suite.SIZES["vit_scratch"]["full"])))
+    return {
+        "profile": "full",
+        "frozen_batchnorm": frozen_batchnorm,
+        "predictor": predictor,
+        "command": "python benchmarks/suite.py",
+        "scenarios": {"vit_scratch": {"size": size},
+                      "resnet_scratch": {"size": dict(size, epochs=99)}},
+        "runs": [{"scenario": s, "seed": 0, "method": m}
+                 for s in ("vit_scratch", "resnet_scratch")
+                 for m in suite.METHODS],
+    }
+
+
+def _new_results(predictor):
+    return {"predictor": predictor, "command": "python benchmarks/suite.py "
+            "--resume", "scenarios": {}, "runs": []}
+
+
+def test_resume_keeps_runs_of_unchanged_sizes_and_the_same_predictor():
+    results = _new_results("P1")
+    message = suite.resume_from(_previous_suite(), results, "full",
+                                "batch_statistics")
+    assert message == "resuming: 4 runs kept"
+    assert {r["scenario"] for r in results["runs"]} == {"vit_scratch"}
+    assert set(results["scenarios"]) == {"vit_scratch"}  # resnet resized
+    assert results["command"] == ("python benchmarks/suite.py; then "
+                                  "python benchmarks/suite.py --resume")
+
+
+def test_resume_with_a_new_predictor_drops_only_smartfrz_runs():
+    results = _new_results("P2")
+    message = suite.resume_from(_previous_suite(), results, "full",
+                                "batch_statistics")
+    assert "1 SmartFRZ runs made with another predictor dropped" in message
+    assert [r["method"] for r in results["runs"]] == [
+        "full", "linear", "autofreeze"]
+    # A resume that runs no SmartFRZ keeps the SmartFRZ runs and their
+    # predictor.
+    results = _new_results(None)
+    suite.resume_from(_previous_suite(), results, "full", "batch_statistics")
+    assert len(results["runs"]) == 4 and results["predictor"] == "P1"
+
+
+def test_resume_refuses_another_profile_or_batchnorm_mode():
+    for profile, mode in (("quick", "batch_statistics"),
+                          ("full", "inference")):
+        results = _new_results("P1")
+        message = suite.resume_from(_previous_suite(), results, profile, mode)
+        assert message.startswith("not resuming")
+        assert results["runs"] == []
