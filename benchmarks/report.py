@@ -508,6 +508,9 @@ def write(results, report_path, plots_dir, stem=None):
            "`--frozen-batchnorm inference`)"
            if results.get("frozen_batchnorm") == "inference"
            else "keeping batch statistics (the default)")
+        + (". SmartFRZ with " + ", ".join(
+            f"`{k}={v!r}`" for k, v in results["smartfrz_args"].items())
+           if results.get("smartfrz_args") else "")
         + ". Untuned: the same arguments in every scenario.",
         "- **Times.** `fit` only (evaluation excluded), wall clock "
         "(`time.perf_counter`) and process CPU time (`time.process_time`); "

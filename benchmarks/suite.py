@@ -40,6 +40,11 @@ Usage (from the repository root):
                                                  # every freezing method
                                                  # with frozen BN in
                                                  # inference mode
+    python benchmarks/suite.py --smartfrz-arg min_epochs=3 --methods smartfrz \
+        --resume --out COPY.json                 # SmartFRZ with other
+                                                 # arguments (a changed
+                                                 # predictor or argument
+                                                 # re-runs only SmartFRZ)
     python benchmarks/suite.py --render          # rewrite BENCHMARKS.md and
                                                  # the plots from the json
 
@@ -460,14 +465,17 @@ def make_dataset(x, y, batch_size, seed):
     return dataset.batch(batch_size, drop_remainder=True).prefetch(2)
 
 
-def make_freezer(method, predictor, frozen_batchnorm="batch_statistics"):
+def make_freezer(method, predictor, frozen_batchnorm="batch_statistics",
+                 smartfrz_args=None):
     """The callback of one method, with its default arguments (but
-    `frozen_batchnorm`, which the suite can set for every method)."""
+    `frozen_batchnorm`, which the suite can set for every method, and
+    `smartfrz_args`, SmartFRZ's other arguments by name)."""
     if method == "full":
         return None
     if method == "smartfrz":
         return keras_smartfrz.SmartFRZ(predictor=predictor,
-                                       frozen_batchnorm=frozen_batchnorm)
+                                       frozen_batchnorm=frozen_batchnorm,
+                                       **(smartfrz_args or {}))
     if method == "linear":
         return keras_smartfrz.LinearFreezing(frozen_batchnorm=frozen_batchnorm)
     if method == "autofreeze":
@@ -589,14 +597,15 @@ class FlopsModel:
 
 
 def run_one(scenario, size, task, flops, method, seed, predictor, label,
-            frozen_batchnorm="batch_statistics"):
+            frozen_batchnorm="batch_statistics", smartfrz_args=None):
     """One training run; returns its measurements as a dict."""
     keras.backend.clear_session()
     keras.utils.set_random_seed(seed)
     model = scenario.build(size)
     model.set_weights(task.initial_weights)
     scenario.compile(model, size)
-    freezer = make_freezer(method, predictor, frozen_batchnorm)
+    freezer = make_freezer(method, predictor, frozen_batchnorm,
+                           smartfrz_args)
     timer = HookTimer(freezer) if freezer is not None else None
     epoch_log = EpochLog(label)
     callbacks = ([freezer] if freezer is not None else []) + [epoch_log]
@@ -823,7 +832,8 @@ def run_scenario(name, profile, runs, results, args, progress):
         label = f"{name} seed {seed} {METHOD_LABELS[method]}"
         log(f"  run {progress['count']}/{progress['total']}: {label}")
         row = run_one(scenario, size, task, flops, method, seed,
-                      args.predictor, label, args.frozen_batchnorm)
+                      args.predictor, label, args.frozen_batchnorm,
+                      args.smartfrz_args)
         row["order"] = progress["count"]
         results["runs"].append(row)
         results["finished"] = datetime.datetime.now().isoformat(
@@ -857,7 +867,10 @@ def resume_from(previous, results, profile, frozen_batchnorm):
     }
     if results["predictor"] is None:  # this call runs no SmartFRZ
         results["predictor"] = previous.get("predictor")
-    same_predictor = previous.get("predictor") in (None, results["predictor"])
+        results["smartfrz_args"] = previous.get("smartfrz_args", {})
+    same_predictor = previous.get("predictor") in (
+        None, results["predictor"]) and previous.get("smartfrz_args", {}) == (
+        results.get("smartfrz_args", {}))
     runs = [r for r in previous.get("runs", []) if r["scenario"] in same]
     kept = [r for r in runs if same_predictor or r["method"] != "smartfrz"]
     results["scenarios"] = same
@@ -866,7 +879,8 @@ def resume_from(previous, results, profile, frozen_batchnorm):
     results["command"] = f"{previous['command']}; then {results['command']}"
     dropped = len(runs) - len(kept)
     return (f"resuming: {len(kept)} runs kept" + (
-        f", {dropped} SmartFRZ runs made with another predictor dropped"
+        f", {dropped} SmartFRZ runs made with another predictor or other "
+        "SmartFRZ arguments dropped"
         if dropped else ""))
 
 
@@ -893,6 +907,11 @@ def parse_args(argv=None):
                         help="what a frozen BatchNormalization does, for "
                         "every freezing method (default: the callbacks' "
                         "default, batch_statistics)")
+    parser.add_argument("--smartfrz-arg", action="append", default=[],
+                        metavar="NAME=VALUE", dest="smartfrz_arg",
+                        help="an argument of SmartFRZ other than its "
+                        "default, e.g. min_epochs=3 or freeze_threshold=0.8 "
+                        "(repeatable; the value is read as JSON)")
     parser.add_argument("--out", default=None,
                         help="results json (default benchmarks/results/"
                         "suite.json, suite_quick.json with --quick)")
@@ -910,6 +929,15 @@ def parse_args(argv=None):
     if args.out is None:
         args.out = str(RESULTS / ("suite_quick.json" if args.quick
                                   else "suite.json"))
+    args.smartfrz_args = {}
+    for item in args.smartfrz_arg:
+        name, sep, value = item.partition("=")
+        if not sep or not name.isidentifier():
+            parser.error(f"--smartfrz-arg wants NAME=VALUE, got {item!r}")
+        try:
+            args.smartfrz_args[name] = json.loads(value)
+        except json.JSONDecodeError:
+            parser.error(f"--smartfrz-arg {name}: {value!r} is not JSON")
     if args.seeds is not None and any(s < 0 for s in args.seeds):
         parser.error("--seeds must be non-negative")
     return args
@@ -948,6 +976,7 @@ def main(argv=None):
                       if "smartfrz" in args.methods else None),
         "methods": list(args.methods),
         "frozen_batchnorm": args.frozen_batchnorm,
+        "smartfrz_args": args.smartfrz_args,
         "scenarios": {},
         "runs": [],
     }

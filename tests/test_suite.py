@@ -260,7 +260,7 @@ def test_resume_with_a_new_predictor_drops_only_smartfrz_runs():
     results = _new_results("P2")
     message = suite.resume_from(_previous_suite(), results, "full",
                                 "batch_statistics")
-    assert "1 SmartFRZ runs made with another predictor dropped" in message
+    assert "1 SmartFRZ runs made with another predictor" in message
     assert [r["method"] for r in results["runs"]] == [
         "full", "linear", "autofreeze"]
     # A resume that runs no SmartFRZ keeps the SmartFRZ runs and their
@@ -277,3 +277,20 @@ def test_resume_refuses_another_profile_or_batchnorm_mode():
         message = suite.resume_from(_previous_suite(), results, profile, mode)
         assert message.startswith("not resuming")
         assert results["runs"] == []
+
+
+def test_smartfrz_args_reach_smartfrz_and_decide_resumption(predictor):
+    args = suite.parse_args(["--smartfrz-arg", "min_epochs=3",
+                             "--smartfrz-arg", "freeze_threshold=0.8"])
+    assert args.smartfrz_args == {"min_epochs": 3, "freeze_threshold": 0.8}
+    freezer = suite.make_freezer("smartfrz", predictor, "batch_statistics",
+                                 args.smartfrz_args)
+    assert freezer.min_epochs == 3
+    assert freezer.get_config()["freeze_threshold"] == 0.8
+    for bad in ("min_epochs", "min_epochs=three", "2x=1"):
+        with pytest.raises(SystemExit):
+            suite.parse_args(["--smartfrz-arg", bad])
+    results = dict(_new_results("P1"), smartfrz_args={"min_epochs": 3})
+    message = suite.resume_from(_previous_suite(), results, "full",
+                                "batch_statistics")
+    assert "1 SmartFRZ runs made with another predictor" in message
