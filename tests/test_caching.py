@@ -45,8 +45,14 @@ def _train(cache, jit_compile, shuffle, epochs=5, plan=None, x=None, y=None,
     return model, freezer, history
 
 
-@pytest.mark.parametrize("jit_compile", [False, True])
-@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize(
+    "jit_compile, shuffle",
+    [(False, False), (True, True),
+     # The other two combinations add nothing the two above do not cover
+     # (about 20 s of the default run): `-m slow` runs them.
+     pytest.param(False, True, marks=pytest.mark.slow),
+     pytest.param(True, False, marks=pytest.mark.slow)],
+)
 def test_cached_training_matches_uncached(jit_compile, shuffle):
     plain, _, plain_history = _train(False, jit_compile, shuffle)
     cached, freezer, cached_history = _train(True, jit_compile, shuffle)
