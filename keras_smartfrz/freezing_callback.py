@@ -382,6 +382,7 @@ class FreezingCallback(keras.callbacks.Callback):
         self._backup_in_epoch(batch)
 
     def on_epoch_end(self, epoch, logs=None):
+        cache_dropped = False
         if self._cache is not None:
             start = time.perf_counter()
             reason = self._cache.end_epoch()
@@ -392,8 +393,9 @@ class FreezingCallback(keras.callbacks.Callback):
             if reason is not None:
                 self._cache_off = reason
                 self._set_cache(None, reason)
-                freezing.rebuild_train_step(self.model)
+                cache_dropped = True  # the train step is rebuilt below
             self.overhead_seconds["caching"] += time.perf_counter() - start
+        frozen_before = len(self.frozen_units)
         if self._cadence is not None and self._cadence.steps_per_stage is None:
             steps_in_epoch = self._step - self._epoch_start_step
             self._cadence.set_steps_per_stage(
@@ -403,6 +405,12 @@ class FreezingCallback(keras.callbacks.Callback):
             start = time.perf_counter()
             self._run_stage(epoch)
             self.overhead_seconds["decision"] += time.perf_counter() - start
+        if cache_dropped and len(self.frozen_units) == frozen_before:
+            # No freeze rebuilt the step at this stage: drop the cache's step
+            # here (one rebuild per epoch end, whatever happened in it).
+            start = time.perf_counter()
+            freezing.rebuild_train_step(self.model)
+            self.overhead_seconds["caching"] += time.perf_counter() - start
         if self._summaries is not None and self._is_stage(epoch):
             # After the stage, so a stage that decided nothing still logs.
             self._summaries.write_stage(

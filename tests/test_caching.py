@@ -122,6 +122,44 @@ def test_augmenting_pipeline_turns_caching_off():
     assert "train_step" not in vars(model)
 
 
+def test_caching_off_at_a_freezing_stage_rebuilds_the_step_once():
+    """The cache turns off at the end of epoch 2, where d1 also freezes:
+    one rebuild serves both (and one where only the cache goes)."""
+    keras.utils.set_random_seed(0)
+    model = mlp(batchnorm=True)
+    x, y = toy_data(64)
+    noise = tf.random.Generator.from_seed(1)
+    dataset = (tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+               .map(lambda a, b: (a + noise.normal(tf.shape(a), 0, 0.01), b)))
+    rebuilds = []
+
+    class Epochs(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
+    epochs = Epochs()
+    make = model.make_train_function
+
+    def counting(force=False):
+        if force:
+            rebuilds.append(epochs.epoch)
+        return make(force=force)
+
+    model.make_train_function = counting
+    for plan, expected in (({0: ["d0"], 2: ["d1"]}, [0, 2]),
+                           ({0: ["d0"]}, [0, 2])):
+        rebuilds.clear()
+        freezer = _freezer(plan)
+        with pytest.warns(UserWarning, match="inputs change"):
+            model.fit(dataset, epochs=3, callbacks=[epochs, freezer],
+                      verbose=0)
+        assert freezer.cache_info["status"] == "off"
+        assert rebuilds == expected, (plan, rebuilds)
+        keras.utils.set_random_seed(0)
+        for layer in model.layers:
+            layer.trainable = True
+
+
 def _compiled(*layers):
     model = keras.Sequential([keras.Input((6,)), *layers])
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(True))
