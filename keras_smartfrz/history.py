@@ -70,6 +70,15 @@ class SnapshotCadence:
         self.interval = max(1, self.steps_per_stage // self.window_size)
         self.next_step = current_step + self.interval
 
+    def skip_to(self, step):
+        """Moves the next snapshot to the first step at or after `step` on
+        the fixed schedule (no-op while the interval is adaptive), as if
+        the skipped steps had been sampled."""
+        if self._adaptive or self.next_step >= step:
+            return
+        behind = -(-(step - self.next_step) // self.interval)
+        self.next_step += behind * self.interval
+
     def due(self, step):
         """True if a snapshot is due at global training step `step` (1-based).
 

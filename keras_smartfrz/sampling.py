@@ -72,21 +72,30 @@ class WeightSampler:
         pieces = []
         for unit, unit_positions in zip(self.units, positions):
             unit_vars = unit.trainable_weights
-            sizes = [int(np.prod(v.shape)) for v in unit_vars]
+            shapes = [tuple(int(d) for d in v.shape) for v in unit_vars]
+            sizes = [int(np.prod(shape)) for shape in shapes]
             for var_index, local in split_positions(unit_positions, sizes):
                 variables.append(unit_vars[var_index])
-                pieces.append(tf.constant(local, dtype=tf.int64))
+                # Multi-dimensional indices: a gather_nd on the variable
+                # reads only the sampled elements (ResourceGatherNd).
+                index = np.stack(
+                    np.unravel_index(local, shapes[var_index]), axis=-1
+                ) if shapes[var_index] else np.zeros((len(local), 0))
+                pieces.append(tf.constant(index, dtype=tf.int64))
         self._variables = variables
         self._indices = pieces
-        # One traced graph (one call reads every unit). Not XLA: on the
-        # quickstart CNN an XLA gather's first call took 377 ms against
-        # 69 ms as a plain graph, and later calls cost the same (0.42 vs
-        # 0.44 ms), so XLA only added start-up time.
-        self._gather = tf.function(self._gather_all, jit_compile=False)
+        # One traced graph (one call reads every unit), without autograph
+        # (plain Python, nothing to convert; it halves the trace). Not XLA:
+        # on the quickstart CNN an XLA gather's first call took 377 ms
+        # against 69 ms as a plain graph, and later calls cost about the
+        # same (0.42 vs 0.44 ms), so XLA only added start-up time.
+        self._gather = tf.function(
+            self._gather_all, jit_compile=False, autograph=False
+        )
 
     def _gather_all(self):
         values = [
-            tf.gather(tf.reshape(tf.cast(v.value, tf.float32), [-1]), idx)
+            tf.cast(tf.gather_nd(_resource(v), idx), tf.float32)
             for v, idx in zip(self._variables, self._indices)
         ]
         return tf.concat(values, axis=0)
@@ -96,3 +105,9 @@ class WeightSampler:
             return np.zeros((0, self.sample_size), np.float32)
         flat = self._gather().numpy()
         return flat.reshape(len(self.units), self.sample_size)
+
+
+def _resource(variable):
+    """The backend variable under a Keras variable, read by the gather
+    itself (the Keras variable's `value` outside of an autocast scope)."""
+    return getattr(variable, "value", variable)

@@ -41,7 +41,13 @@ class SmartFRZ(FreezingCallback):
             freeze a unit, in `[0, 1]` (default 0.5). Higher freezes later and
             less.
         mode: `"prefix"` (default) or `"any"`; see `FreezingCallback`.
-        min_epochs: no freezing before this many epochs (default 1).
+        min_epochs: no freezing before this many epochs are done, or
+            `"auto"` (default): a warm-up of 30% of the `fit`'s epochs,
+            rounded up (3 of 10, 2 of 6, 1 of 3; see
+            `keras_smartfrz.freezing_callback.auto_min_epochs`). Freezing
+            right after the first epoch cost 1-3 points of accuracy in the
+            benchmark suite where a warm-up cost a fraction of that, with
+            the same units frozen.
         freeze_every: epochs between freezing stages (default 1).
         seed: seed of the sampled weight positions (default 0).
         frozen_batchnorm: `"batch_statistics"` (default) or `"inference"`;
@@ -85,7 +91,7 @@ class SmartFRZ(FreezingCallback):
         predictor=None,
         freeze_threshold=0.5,
         mode="prefix",
-        min_epochs=1,
+        min_epochs="auto",
         freeze_every=1,
         seed=0,
         frozen_batchnorm="batch_statistics",

@@ -100,6 +100,73 @@ def test_min_epochs_and_freeze_every_set_the_stages():
     assert [s.epoch for s in policy.stages] == [1, 3, 5]
 
 
+def test_auto_min_epochs_is_a_share_of_the_planned_epochs():
+    from keras_smartfrz.freezing_callback import auto_min_epochs
+
+    assert [auto_min_epochs(e) for e in (None, 1, 3, 4, 6, 10, 20)] == [
+        1, 1, 1, 2, 2, 3, 6]
+    policy = ScriptedPolicy({})
+    callback = FreezingCallback(policy, min_epochs="auto", window_size=4)
+    fit(mlp(), [callback], epochs=7)  # ceil(0.3 * 7) = 3
+    assert [s.epoch for s in policy.stages] == [2, 3, 4, 5, 6]
+    assert callback.get_config()["min_epochs"] == "auto"
+
+
+class WindowPolicy(FreezePolicy):
+    """Freezes nothing; keeps a copy of every window it is given."""
+
+    def __init__(self):
+        self.windows = []
+
+    def reset(self):
+        self.windows = []
+
+    def decide(self, stage):
+        self.windows.append((stage.epoch, np.array(stage.window)))
+        count = len(stage.unit_names)
+        return np.zeros(count, np.float32), np.zeros(count, bool)
+
+
+@pytest.mark.parametrize("steps, window_size", [(8, 4), (3, 4)])
+def test_epochs_that_feed_no_window_are_not_sampled(monkeypatch, steps,
+                                                    window_size):
+    """Warm-up epochs and the epochs after the last stage are not sampled,
+    and the stages see the very windows they would with every epoch
+    sampled (8 steps/epoch: one epoch fills a window; 3: two do)."""
+    def run(skip):
+        if not skip:
+            monkeypatch.setattr(FreezingCallback, "_epoch_feeds_stage",
+                                lambda self, epoch: True)
+        policy = WindowPolicy()
+        callback = FreezingCallback(policy, min_epochs=4, freeze_every=2,
+                                    window_size=window_size, sample_size=8)
+        counts = []
+
+        class Count(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                counts.append(callback._history._count)
+
+        keras.utils.set_random_seed(0)
+        fit(mlp(), [callback, Count()], epochs=7, n=16 * steps,
+            shuffle=False)
+        monkeypatch.undo()
+        return policy.windows, counts
+
+    skipped, skipped_counts = run(True)
+    every, every_counts = run(False)
+    assert every_counts[-1] > skipped_counts[-1]
+    # Stages at epochs 4 and 6 (1-based); epoch 7 ends no stage.
+    assert [e for e, _ in skipped] == [e for e, _ in every] == [3, 5]
+    for (_, a), (_, b) in zip(skipped, every):
+        np.testing.assert_array_equal(a, b)
+    if steps == 8:
+        # A stage every 2 epochs, 4 snapshots a stage: 2 per epoch in the
+        # epochs of the stages' windows, 3-4 and 5-6; none in the warm-up
+        # or after the last stage.
+        assert np.diff([0] + skipped_counts).tolist() == [
+            0, 0, 2, 2, 2, 2, 0]
+
+
 def test_policy_sees_a_full_window_of_the_candidates():
     policy = ScriptedPolicy({})
     fit(mlp(), [FreezingCallback(policy, window_size=4, sample_size=8)],
@@ -248,6 +315,8 @@ def test_base_callback_serializes_its_policy():
 @pytest.mark.parametrize("kwargs, shown", [
     ({"mode": "middle"}, "'middle'"),
     ({"min_epochs": -1}, "-1"),
+    ({"min_epochs": "later"}, "'later'"),
+    ({"min_epochs": 1.5}, "1.5"),
     ({"freeze_every": 0}, "0"),
     ({"freeze_every": 1.5}, "1.5"),
     ({"window_size": 1}, "1"),

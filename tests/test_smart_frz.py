@@ -49,6 +49,15 @@ def test_confident_predictor_freezes_every_unit_but_the_head(jit_compile):
                for d in freezer.decisions)
 
 
+def test_default_warm_up_is_a_share_of_the_epochs():
+    freezer = SmartFRZ(constant_predictor(0.9))
+    assert freezer.min_epochs == "auto"
+    history = fit(mlp(), [freezer], epochs=4)  # ceil(0.3 * 4) = 2
+    assert {d.epoch for d in freezer.decisions} == {1}
+    assert history.history["frozen_fraction"] == [0.0, 0.75, 0.75, 0.75]
+    assert SmartFRZ.from_config(SmartFRZ().get_config()).min_epochs == "auto"
+
+
 def test_threshold_above_the_score_freezes_nothing():
     freezer = SmartFRZ(constant_predictor(0.4), freeze_threshold=0.5)
     fit(mlp(), [freezer], epochs=3)
