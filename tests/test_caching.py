@@ -105,15 +105,20 @@ def test_cache_hit_skips_the_prefix():
     assert int(calls.numpy()) > 0
 
 
+def _augmenting_dataset():
+    """Toy batches with fresh noise every epoch. A generator's state advances
+    across epochs (a seeded tf.random op in `map` would replay the same noise
+    every epoch, which caching handles)."""
+    x, y = toy_data(64)
+    noise = tf.random.Generator.from_seed(1)
+    return (tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+            .map(lambda a, b: (a + noise.normal(tf.shape(a), 0, 0.01), b)))
+
+
 def test_augmenting_pipeline_turns_caching_off():
     keras.utils.set_random_seed(0)
     model = mlp(batchnorm=True)
-    x, y = toy_data(64)
-    # A generator's state advances across epochs (a seeded tf.random op in
-    # `map` would replay the same noise every epoch, which caching handles).
-    noise = tf.random.Generator.from_seed(1)
-    dataset = (tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
-               .map(lambda a, b: (a + noise.normal(tf.shape(a), 0, 0.01), b)))
+    dataset = _augmenting_dataset()
     freezer = _freezer({0: ["d0"]})
     with pytest.warns(UserWarning, match="inputs change from epoch to epoch"):
         model.fit(dataset, epochs=4, callbacks=[freezer], verbose=0)
@@ -127,10 +132,7 @@ def test_caching_off_at_a_freezing_stage_rebuilds_the_step_once():
     one rebuild serves both (and one where only the cache goes)."""
     keras.utils.set_random_seed(0)
     model = mlp(batchnorm=True)
-    x, y = toy_data(64)
-    noise = tf.random.Generator.from_seed(1)
-    dataset = (tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
-               .map(lambda a, b: (a + noise.normal(tf.shape(a), 0, 0.01), b)))
+    dataset = _augmenting_dataset()
     rebuilds = []
 
     class Epochs(keras.callbacks.Callback):
