@@ -1,31 +1,38 @@
-"""Activation caching and optimizer-state release, side by side with freezing alone.
+"""Activation caching and optimizer-state release, end to end, side by side
+with freezing alone and full training.
 
 The fine-tuning scenario of the suite (benchmarks/suite.py, scenario 1: a
 ResNet-style CNN pretrained on MNIST inside the benchmark, fine-tuned on
-Fashion-MNIST), trained four ways per seed from the same initial weights on
-the same data order:
+Fashion-MNIST), trained these ways per seed from the same initial weights on
+the same data order, one after the other in one process:
 
 - `full`: every layer trains;
-- `freeze`: `SmartFRZ(frozen_batchnorm="inference")`, freezing alone;
-- `cache`: the same plus `cache_activations=True`;
-- `cache+release`: the same plus `release_optimizer_state=True`.
+- `smartfrz`, `autofreeze`, `linear`: the three freezing callbacks with
+  their default arguments, freezing alone;
+- `<method>+cache`: the same plus `cache_activations=True`;
+- `smartfrz+cache+release`: the same plus `release_optimizer_state=True`.
 
-The freezing runs use `frozen_batchnorm="inference"` because caching needs
-it, so that the only difference between `freeze` and `cache` is the cache.
-Each epoch is one pass over the same 7680 training examples, reshuffled
-every epoch (the suite draws its epochs from an endless stream instead,
-which gives every epoch other examples: no cache can serve that).
+Every freezing run uses `frozen_batchnorm="inference"`, because caching
+needs it, so that the only difference between `<method>` and
+`<method>+cache` is the cache. Each epoch is one pass over the same 7680
+training examples, reshuffled every epoch (the suite draws its epochs from
+an endless stream instead, which gives every epoch other examples: no cache
+can serve that). The dataset repeats and `fit` gets `steps_per_epoch`, so
+no epoch ends by exhausting an iterator (tearing one down can wait idle on
+tf.data's autotuning thread; see `report.train_seconds`).
 
-Reported per run: test accuracy, wall-clock time and its ratio to full
-training (the runs of one seed follow each other in one process), epoch
-times, the epoch each unit froze, the cache (cut, size, hits) and the peak
-resident memory above the level before the run (sampled every 20 ms; the
-TensorFlow allocator keeps freed memory, so this is an upper bound of what a
-run needed beyond the previous one).
+Reported per run: test accuracy and its difference from full training of
+the same seed, the epochs' wall time (`train s`: first epoch's start to last
+epoch's end, every freezing stage, cache derivation and retrace included)
+and its ratio to full training, epoch times, the epoch each unit froze, the
+cache (its cuts, size, hits) and the peak resident memory above the level
+before the run (sampled every 20 ms; the TensorFlow allocator keeps freed
+memory, so this is an upper bound of what a run needed beyond the previous
+one).
 
 Usage (from the repository root):
 
-    python benchmarks/caching.py                  # seeds 0 1, about 40 min
+    python benchmarks/caching.py                  # seeds 0 1 2, about 35 min
     python benchmarks/caching.py --seeds 0 --epochs 3 --steps 20 \
         --pretrain-steps 20 --out /tmp/caching.json   # smoke
 
@@ -55,7 +62,8 @@ import suite  # noqa: E402
 import keras_smartfrz  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-METHODS = ("full", "freeze", "cache", "cache+release")
+METHODS = ("full", "smartfrz", "smartfrz+cache", "smartfrz+cache+release",
+           "autofreeze", "autofreeze+cache", "linear", "linear+cache")
 
 
 def rss_bytes():
@@ -93,24 +101,36 @@ class EpochClock(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._start = time.perf_counter()
+        if epoch == 0:
+            self.start = self._start
 
     def on_epoch_end(self, epoch, logs=None):
-        self.seconds.append(time.perf_counter() - self._start)
+        self.end = time.perf_counter()
+        self.seconds.append(self.end - self._start)
 
 
 def make_freezer(method):
-    if method == "full":
+    name, *options = method.split("+")
+    if name == "full":
         return None
-    return keras_smartfrz.SmartFRZ(
+    kwargs = dict(
         frozen_batchnorm="inference",
-        cache_activations=method.startswith("cache"),
-        release_optimizer_state=method.endswith("release"),
+        cache_activations="cache" in options,
+        release_optimizer_state="release" in options,
     )
+    return {
+        "smartfrz": keras_smartfrz.SmartFRZ,
+        "autofreeze": keras_smartfrz.AutoFreeze,
+        "linear": keras_smartfrz.LinearFreezing,
+    }[name](**kwargs)
 
 
 def dataset(x, y, batch_size, seed):
+    """The same examples every epoch, reshuffled: each epoch of
+    `len(x) // batch_size` steps is one pass (7680 = 120 x 64)."""
     data = tf.data.Dataset.from_tensor_slices((x, y))
     data = data.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    data = data.repeat()
     return data.batch(batch_size, drop_remainder=True).prefetch(2)
 
 
@@ -127,7 +147,8 @@ def run(scenario, size, weights, data, method, seed, epochs):
     train = dataset(x, y, size.batch_size, seed)
     with PeakMemory() as memory:
         start = time.perf_counter()
-        model.fit(train, epochs=epochs, callbacks=callbacks, verbose=0)
+        model.fit(train, epochs=epochs, callbacks=callbacks, verbose=0,
+                  steps_per_epoch=len(x) // size.batch_size)
         seconds = time.perf_counter() - start
     _, accuracy = model.evaluate(xt, yt, batch_size=256, verbose=0)
     result = {
@@ -135,6 +156,7 @@ def run(scenario, size, weights, data, method, seed, epochs):
         "seed": seed,
         "test_accuracy": float(accuracy),
         "fit_seconds": seconds,
+        "train_seconds": clock.end - clock.start,
         "epoch_seconds": clock.seconds,
         "peak_rss_above_start_bytes": memory.peak - memory.base,
     }
@@ -150,8 +172,8 @@ def run(scenario, size, weights, data, method, seed, epochs):
             overhead_seconds=dict(freezer.overhead_seconds),
         )
     print(
-        f"  seed {seed} {method:14s} acc {accuracy:.4f} "
-        f"{seconds:7.1f} s  epochs "
+        f"  seed {seed} {method:22s} acc {accuracy:.4f} "
+        f"{result['train_seconds']:6.1f} s (fit {seconds:.1f})  epochs "
         + " ".join(f"{s:.0f}" for s in clock.seconds)
         + (f"  cache {freezer.cache_info['status']} at "
            f"{freezer.cache_info['cut']}" if freezer else ""),
@@ -160,9 +182,42 @@ def run(scenario, size, weights, data, method, seed, epochs):
     return result
 
 
+def _cuts(cache):
+    """'s1b0_out (filled) > s2b0_out (derived)': each cut the run cached."""
+    cuts = cache.get("cuts") or []
+    if not cuts:
+        return "-"
+    return " > ".join(
+        f"{c['cut']} ({'derived' if c['derived_from'] else 'filled'}, "
+        f"ep {c['epoch'] + 1})"
+        for c in cuts
+    )
+
+
+def summary(results):
+    """Per method: mean speed-up (train time) and accuracy difference
+    against full training of the same seed, with the per-seed values."""
+    by_seed = {}
+    for r in results["runs"]:
+        by_seed.setdefault(r["seed"], {})[r["method"]] = r
+    rows = {}
+    for runs in by_seed.values():
+        full = runs.get("full")
+        if full is None:
+            continue
+        for method, r in runs.items():
+            if method == "full":
+                continue
+            row = rows.setdefault(method, {"speedup": [], "delta": []})
+            row["speedup"].append(full["train_seconds"] / r["train_seconds"])
+            row["delta"].append(
+                100 * (r["test_accuracy"] - full["test_accuracy"]))
+    return {m: rows[m] for m in METHODS if m in rows}
+
+
 def render(results, command):
     lines = [
-        "# Activation caching and optimizer-state release",
+        "# Activation caching and optimizer-state release, end to end",
         "",
         f"Command: `{command}`",
         "",
@@ -170,8 +225,15 @@ def render(results, command):
         f"Machine: {results['machine']}. Load average before: "
         f"{results['load_before']}.",
         "",
-        "| seed | method | test acc | fit s | x full | units frozen | cache "
-        "| cut | cache MB | hits | opt. MB freed | peak RSS MB |",
+        "`train s` is the epochs' wall time (every freezing stage, cache "
+        "derivation and retrace included); `x full` its ratio to full "
+        "training of the same seed; `Δ acc` the test accuracy's difference "
+        "from it, in points. `cuts`: each cut the cache moved to, whether "
+        "an epoch filled it from the inputs or it was derived from the "
+        "previous cut at the stage, and the stage's epoch.",
+        "",
+        "| seed | method | test acc | Δ acc | train s | x full | units frozen "
+        "| cuts | cache MB | hits | opt. MB freed | peak RSS MB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     by_seed = {}
@@ -184,42 +246,43 @@ def render(results, command):
             if r is None:
                 continue
             cache = r.get("cache") or {}
-            speed = full["fit_seconds"] / r["fit_seconds"] if full else None
+            speed = (full["train_seconds"] / r["train_seconds"]
+                     if full else None)
+            delta = (100 * (r["test_accuracy"] - full["test_accuracy"])
+                     if full else None)
             lines.append(
                 f"| {seed} | {method} | {r['test_accuracy']:.4f} | "
-                f"{r['fit_seconds']:.1f} | "
+                + (f"{delta:+.2f}" if delta is not None else "-")
+                + f" | {r['train_seconds']:.1f} | "
                 + (f"{speed:.2f}x" if speed else "-")
                 + f" | {r.get('frozen_units', 0)}/{r.get('units', '-')} | "
-                f"{cache.get('status', '-') if cache else '-'} | "
-                f"{cache.get('cut') or '-'} | "
+                f"{_cuts(cache)} | "
                 f"{cache.get('bytes', 0) / 2**20:.1f} | "
-                f"{sum(cache.get('hits', [])) if cache else '-'} | "
-                f"{r.get('optimizer_bytes_released', 0) / 2**20:.2f} | "
+                f"{sum(cache.get('hits', [])) if cache.get('cuts') else '-'}"
+                f" | {r.get('optimizer_bytes_released', 0) / 2**20:.2f} | "
                 f"{r['peak_rss_above_start_bytes'] / 2**20:.0f} |"
             )
+    lines += ["", "Mean against full training (per seed in brackets):", "",
+              "| method | x full | Δ acc (points) |", "|---|---|---|"]
+    for method, row in summary(results).items():
+        lines.append(
+            f"| {method} | {statistics.mean(row['speedup']):.2f}x "
+            f"({', '.join(f'{v:.2f}' for v in row['speedup'])}) | "
+            f"{statistics.mean(row['delta']):+.2f} "
+            f"({', '.join(f'{v:+.2f}' for v in row['delta'])}) |"
+        )
     lines += ["", "Epoch times (s):", ""]
     for r in results["runs"]:
         lines.append(
             f"- seed {r['seed']} {r['method']}: "
             + ", ".join(f"{s:.1f}" for s in r["epoch_seconds"])
         )
-    speedups = {}
-    for seed, runs in by_seed.items():
-        for method in METHODS[1:]:
-            if "full" in runs and method in runs:
-                speedups.setdefault(method, []).append(
-                    runs["full"]["fit_seconds"] / runs[method]["fit_seconds"]
-                )
-    lines += ["", "Mean speed-up against full training:", ""]
-    for method, values in speedups.items():
-        lines.append(f"- {method}: {statistics.mean(values):.2f}x "
-                     f"({', '.join(f'{v:.2f}' for v in values)})")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--steps", type=int, default=120,
                         help="batches per epoch (training examples / 64)")

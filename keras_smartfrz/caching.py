@@ -28,9 +28,14 @@ How it stays correct:
   model) misses; after a full epoch that mostly misses, caching turns itself
   off with a warning that says so. Two different examples share a key with a
   probability of about 2**-64 per pair.
-- **When it fills.** The epoch after a freeze computes the prefix as usual
-  and stores each example's output; the following epochs read it. A later
-  freeze that moves the cut deeper starts a new cache.
+- **When it fills.** The epoch after the first freeze computes the prefix
+  as usual and stores each example's output; the following epochs read it.
+  A later freeze that moves the cut deeper derives the new cache from the
+  old one at the freezing stage: the layers between the two cuts run once
+  over the cached values (forward only, in batches, no fill epoch), under
+  the same keys. Where that cannot be done (the old cache still filling,
+  both caches together over the budget, or a path to the new cut that
+  bypasses the old one), the next epoch fills the new cache from the inputs.
 - **Bounded memory.** The cache holds one epoch's examples. If that would
   exceed `budget_bytes`, caching stays off for that cut and says why (there
   is no spilling to disk: reading activations back from disk is slower than
@@ -215,6 +220,19 @@ def find_cut(model):
     )
 
 
+def between(model, start, end):
+    """A Functional model from cut tensor `start` to the deeper cut `end`.
+
+    Built over the model's own layers; None when `end` also depends on the
+    inputs by a path that bypasses `start`.
+    """
+    with _graph_untouched(model):
+        try:
+            return keras.Model(start, end, name="smartfrz_between")
+        except ValueError:
+            return None
+
+
 def example_bytes(tensor):
     return int(np.prod(tensor.shape[1:])) * np.dtype(tensor.dtype).itemsize
 
@@ -234,8 +252,11 @@ class ActivationCache:
 
     def __init__(self, model, cut, capacity, seed=0):
         self.model = model
-        self.layer, tensor, self.prefix, self.suffix = cut
+        self.layer, self.tensor, self.prefix, self.suffix = cut
+        tensor = self.tensor
         self.capacity = int(capacity)
+        self.seed = seed
+        self.derived_from = None
         self.nbytes = self.capacity * example_bytes(tensor)
         self.filling = True
         self.hits = []
@@ -359,6 +380,44 @@ class ActivationCache:
             model.optimizer.apply_gradients(zip(gradients, trainable_weights))
         return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
+    # ------------------------------------------------------------- deriving
+    def derive(self, cut, batch_size=256):
+        """A complete cache for the deeper `cut`, computed from this one.
+
+        The layers between this cache's cut and `cut` run over the cached
+        values (forward only, `training=True` as in the train step, frozen
+        and deterministic like the rest of the prefix), `batch_size` examples
+        per call of one compiled function; the keys and their order are
+        shared. Returns None when `cut` does not go through this cache's cut
+        or this cache is still filling.
+        """
+        if self.filling:
+            return None
+        middle = between(self.model, self.tensor, cut[1])
+        if middle is None:
+            return None
+        child = ActivationCache(self.model, cut, self.capacity, seed=self.seed)
+        count = int(self._count.numpy())
+        source, target = self._values, child._values
+
+        @tf.function(autograph=False, reduce_retracing=True)
+        def compute(start):
+            slots = tf.range(start, tf.minimum(start + batch_size, count))
+            values = middle(tf.gather(source, slots), training=True)
+            target.scatter_update(
+                tf.IndexedSlices(tf.cast(values, target.dtype), slots)
+            )
+
+        for start in range(0, count, batch_size):
+            compute(tf.constant(start, tf.int32))
+        child._sorted_keys.assign(self._sorted_keys)
+        child._sorted_slots.assign(self._sorted_slots)
+        child._count.assign(count)
+        child._is_filling.assign(False)
+        child.filling = False
+        child.derived_from = self.layer.name
+        return child
+
     # ---------------------------------------------------------------- epochs
     def end_epoch(self):
         """Called at each epoch's end. Returns a reason to stop, or None."""
@@ -399,3 +458,4 @@ class ActivationCache:
         """Drops the cached values (the variables die with this object)."""
         for name in ("_values", "_fill_keys", "_sorted_keys", "_sorted_slots"):
             setattr(self, name, None)
+        self.filling = True  # nothing to derive from any more

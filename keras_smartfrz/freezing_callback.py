@@ -131,9 +131,10 @@ class FreezingCallback(keras.callbacks.Callback):
     in this `fit`: `"sampling"` (the snapshots), `"decision"` (the freezing
     stages, policy and rebuild) and `"freezing"` (the rebuild alone, part of
     `"decision"`; the retrace it causes happens in the next train step and
-    is not counted) and `"caching"` (finding the cut and managing the
-    activation cache when `cache_activations=True`; filling it happens
-    inside the train steps and is not counted).
+    is not counted) and `"caching"` (finding the cut, deriving a deeper
+    cut's cache and managing the activation cache when
+    `cache_activations=True`; filling it happens inside the train steps and
+    is not counted).
 
     Args:
         policy: a `keras_smartfrz.policies.FreezePolicy`.
@@ -187,8 +188,11 @@ class FreezingCallback(keras.callbacks.Callback):
             random in the frozen part, and an input pipeline that gives the
             same examples every epoch (shuffling is fine, random
             augmentation is not); where that does not hold it stays off and
-            a warning says why. The epoch after a freeze fills the cache.
-            `cache_info` reports what it did. See `keras_smartfrz.caching`.
+            a warning says why. The epoch after the first freeze fills the
+            cache; a later freeze that moves the cut deeper computes the new
+            cache from the old one at the freezing stage. `cache_info`
+            reports what it did (`"cuts"`: each cut, the stage that made it
+            and the cut it was derived from). See `keras_smartfrz.caching`.
         cache_budget_bytes: the largest cache allowed, in bytes (default
             1 GiB). It holds one epoch's examples; a bigger cache is not
             made (a warning gives the size it would need).
@@ -317,7 +321,7 @@ class FreezingCallback(keras.callbacks.Callback):
         self._cache_warned = set()
         self.cache_info = {"status": "off", "reason": "not requested",
                            "cut": None, "bytes": 0, "hits": [],
-                           "misses": []}
+                           "misses": [], "cuts": []}
         self.optimizer_bytes_released = 0
         self.units = []
         self.frozen_layers = []
@@ -606,7 +610,7 @@ class FreezingCallback(keras.callbacks.Callback):
         if self.release_optimizer_state:
             self._release_optimizer_state(layers)
         if self.cache_activations and self._cache_off is None:
-            self._update_cache()
+            self._update_cache(epoch)
         freezing.rebuild_train_step(self.model)
         # Counted in "decision" too (it runs inside the stage); kept apart
         # here so the rebuild's share can be told from the policy's.
@@ -653,11 +657,12 @@ class FreezingCallback(keras.callbacks.Callback):
         else:
             self.model.train_step = cache.train_step
             self.cache_info.update(
-                status="filling", reason=None, cut=cache.layer.name,
-                bytes=cache.nbytes, hits=[], misses=[],
+                status="filling" if cache.filling else "active",
+                reason=None, cut=cache.layer.name, bytes=cache.nbytes,
+                hits=[], misses=[],
             )
 
-    def _update_cache(self):
+    def _update_cache(self, epoch):
         """After a freeze (before the rebuild): cache at the deepest cut."""
         start = time.perf_counter()
         try:
@@ -669,7 +674,8 @@ class FreezingCallback(keras.callbacks.Callback):
                 self.cache_info["reason"] = str(refusal)
             self.overhead_seconds["caching"] += time.perf_counter() - start
             return
-        if self._cache is not None and self._cache.layer is cut[0]:
+        old = self._cache
+        if old is not None and old.layer is cut[0]:
             return  # the cut did not move: keep the cache
         if not self._epoch_samples:
             self.cache_info["reason"] = "no complete epoch counted yet"
@@ -683,9 +689,23 @@ class FreezingCallback(keras.callbacks.Callback):
                 f"cache_budget_bytes={self.cache_budget_bytes}",
             )
         else:
-            self._set_cache(caching.ActivationCache(
+            cache = None
+            if old is not None and (
+                old.nbytes + needed <= self.cache_budget_bytes
+            ):
+                # Deeper cut: computed from the old cache now (both held
+                # for the moment), so no epoch is spent filling.
+                cache = old.derive(cut)
+            cache = cache or caching.ActivationCache(
                 self.model, cut, self._epoch_samples, seed=self.seed
-            ))
+            )
+            self._set_cache(cache)
+            # After the epoch-`epoch` stage: its cut, and where its values
+            # come from (None: the next epoch fills it from the inputs).
+            self.cache_info["cuts"].append(
+                {"cut": cut[0].name, "epoch": epoch,
+                 "derived_from": cache.derived_from}
+            )
         self.overhead_seconds["caching"] += time.perf_counter() - start
 
     def _release_optimizer_state(self, layers):

@@ -46,21 +46,38 @@ def _train(cache, jit_compile, shuffle, epochs=5, plan=None, x=None, y=None,
 
 
 @pytest.mark.parametrize(
-    "jit_compile, shuffle",
-    [(False, False), (True, True),
-     # The other two combinations add nothing the two above do not cover
+    "jit_compile, shuffle, budget",
+    [(False, False, None), (True, True, None),
+     # Room for one cache, not two: the deeper cut is filled, not derived.
+     (False, True, 10000),
+     # The other combinations add nothing the ones above do not cover
      # (about 20 s of the default run): `-m slow` runs them.
-     pytest.param(False, True, marks=pytest.mark.slow),
-     pytest.param(True, False, marks=pytest.mark.slow)],
+     pytest.param(False, True, None, marks=pytest.mark.slow),
+     pytest.param(True, False, None, marks=pytest.mark.slow)],
 )
-def test_cached_training_matches_uncached(jit_compile, shuffle):
+def test_cached_training_matches_uncached(jit_compile, shuffle, budget):
     plain, _, plain_history = _train(False, jit_compile, shuffle)
-    cached, freezer, cached_history = _train(True, jit_compile, shuffle)
+    kwargs = {} if budget is None else {"cache_budget_bytes": budget}
+    cached, freezer, cached_history = _train(True, jit_compile, shuffle,
+                                             **kwargs)
     info = freezer.cache_info
-    # Froze d0 (+bn0) after epoch 0: epoch 1 filled; d1 after epoch 2: the
-    # cut moved to bn1, epoch 3 filled, epoch 4 read the cache.
+    # Froze d0 (+bn0) after epoch 0: epoch 1 filled the cache at bn0 and
+    # epoch 2 read it; d1 froze after epoch 2 and the cut moved to bn1.
     assert info["cut"] == "bn1", info
-    assert info["hits"] == [7] and info["misses"] == [0], info
+    # Each cache is 100 examples x 16 float32 = 6400 bytes.
+    assert info["bytes"] == 6400
+    if budget is None:
+        # The bn1 cache was computed from the bn0 cache at that stage:
+        # epochs 3 and 4 both read it.
+        assert info["cuts"] == [
+            {"cut": "bn0", "epoch": 0, "derived_from": None},
+            {"cut": "bn1", "epoch": 2, "derived_from": "bn0"}], info
+        assert info["hits"] == [7, 7] and info["misses"] == [0, 0], info
+    else:
+        # Both caches together (12800 bytes) are over the budget: epoch 3
+        # filled the bn1 cache from the inputs, epoch 4 read it.
+        assert [c["derived_from"] for c in info["cuts"]] == [None, None]
+        assert info["hits"] == [7] and info["misses"] == [0], info
     for a, b in zip(plain.weights, cached.weights):
         np.testing.assert_allclose(
             a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
@@ -70,7 +87,15 @@ def test_cached_training_matches_uncached(jit_compile, shuffle):
     assert "train_step" not in vars(cached)
 
 
-def test_cache_hit_skips_the_prefix():
+@pytest.mark.parametrize("plan, cuts", [
+    # epoch 0: full steps; 1: fill (prefix runs); 2-3: cache hits only.
+    ({0: ["d0", "d1"]}, [("d1", None)]),
+    # The cut moves from d0 to d1 after epoch 1, when the d0 cache is full:
+    # the d1 cache is computed from it (d1 runs, the counter does not), so
+    # epochs 2-3 read it without a second fill epoch.
+    ({0: ["d0"], 1: ["d1"]}, [("d0", None), ("d1", "d0")]),
+])
+def test_cache_hit_skips_the_prefix(plan, cuts):
     """A prefix call counter inside the graph proves the prefix is skipped."""
     keras.utils.set_random_seed(0)
     calls = tf.Variable(0, dtype=tf.int64, trainable=False)
@@ -94,12 +119,13 @@ def test_cache_hit_skips_the_prefix():
             counts.append(int(calls.numpy()))
             calls.assign(0)
 
-    freezer = _freezer({0: ["d0", "d1"]})
+    freezer = _freezer(plan)
     model.fit(x, y, batch_size=16, epochs=4, verbose=0,
               callbacks=[freezer, Count()])
-    # epoch 0: full steps; 1: fill (prefix runs); 2-3: cache hits only.
     assert counts == [4, 4, 0, 0]
-    assert freezer.cache_info["cut"] == "d1"
+    assert [(c["cut"], c["derived_from"])
+            for c in freezer.cache_info["cuts"]] == cuts
+    assert freezer.cache_info["hits"] == [4, 4]
     # Validation and predict still run the whole model.
     model.predict(x[:4], verbose=0)
     assert int(calls.numpy()) > 0
