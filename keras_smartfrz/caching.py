@@ -15,7 +15,12 @@ How it stays correct:
   every upstream layer has no trainable weights, no randomness (Dropout,
   noise, random augmentation layers, anything holding a seed generator), no
   activity regularizer, and is a BatchNormalization only if that is frozen in
-  inference mode. The deepest such tensor is used. The layers after the cut
+  inference mode. The deepest such tensor is used. A nested Functional
+  model called once (a keras-hub backbone inside its task model) is searched
+  too, when what feeds it is safe and its single output is itself such a
+  cut of the outer graph: the cut may then sit inside the backbone (a
+  BERT-style backbone, with a padding mask reaching every layer and a dict
+  of outputs, has none). The layers after the cut
   are the model's own layers, with the same weights and the same optimizer:
   the model the user holds is unchanged, and validation and `predict` run
   the whole model as always.
@@ -169,8 +174,130 @@ def _graph_untouched(model):
             del layer._outbound_nodes[outbound:]
 
 
+def _unsafe_upstream(tensors):
+    """Why some layer that `tensors` are computed from cannot be cached."""
+    layers = [l for t in keras.tree.flatten(tensors)
+              for l in _upstream_layers(t)]
+    return next(
+        (r for r in map(_unsafe_reason, layers) if r is not None), None
+    ), layers
+
+
+def _nested_graph(layer):
+    """`layer` as a Functional model called once on one output, or None."""
+    if not isinstance(layer, keras.src.models.functional.Functional):
+        return None
+    if len(layer._inbound_nodes) != 1:
+        return None
+    if len(keras.tree.flatten(layer.outputs)) != 1:
+        return None
+    return layer
+
+
+def _output_structure(graph):
+    """`graph`'s outputs as it returns them (a single tensor, not a list of
+    one), so a suffix returns what the model returns."""
+    return getattr(graph, "_outputs_struct", graph.outputs)
+
+
+def _submodel(model, inputs, outputs, name=None):
+    """`keras.Model(inputs, outputs)` over `model`'s layers, leaving their
+    graph as it was; None when some output does not depend on `inputs`
+    alone."""
+    with _graph_untouched(model):
+        try:
+            return keras.Model(inputs, outputs, name=name)
+        except ValueError:
+            return None
+
+
+def _cuts_in(model, graph, wrap_prefix, wrap_suffix):
+    """Cuts inside `graph`, deepest first, as `(layer, tensor, prefix,
+    suffix)`, then `(None, reason)` for each tensor refused on the way.
+
+    A cut is computed by safe layers only, and every path from `graph`'s
+    inputs to its outputs goes through it. `wrap_prefix` and `wrap_suffix`
+    turn a prefix starting at `graph`'s inputs and a suffix ending at its
+    outputs into ones starting and ending at the model's (the identity for
+    the model's own graph; see `_nested_cuts`).
+    """
+    outputs = {id(t) for t in keras.tree.flatten(graph.outputs)}
+    for layer in reversed(graph.layers):
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        if len(layer._inbound_nodes) != 1:
+            continue  # a shared layer: its outputs are not one tensor
+        # The node's tensor, in this graph (a nested model's `output` is
+        # the one of its own graph).
+        tensors = layer._inbound_nodes[0].output_tensors
+        if len(tensors) != 1 or not isinstance(tensors[0], keras.KerasTensor):
+            continue
+        tensor = tensors[0]
+        if id(tensor) in outputs:
+            continue
+        reason, upstream = _unsafe_upstream(tensor)
+        if reason is not None:
+            yield None, reason
+            if _nested_graph(layer) is not None:
+                # A nested model (a keras-hub backbone in its task model)
+                # frozen only in part: the cut may be inside it.
+                yield from _nested_cuts(model, graph, layer, wrap_prefix,
+                                        wrap_suffix)
+            continue
+        if not any(sub.weights for sub in upstream):
+            return  # only weightless layers before: nothing worth caching
+        if any(d is None for d in tensor.shape[1:]):
+            yield None, (f"the output of '{layer.name}' has an unknown "
+                         f"shape {tensor.shape}")
+            continue
+        suffix = _submodel(model, tensor, _output_structure(graph),
+                           "smartfrz_suffix")
+        if suffix is None:
+            continue  # another path from the inputs bypasses this tensor
+        prefix = _submodel(model, graph.input, tensor, "smartfrz_prefix")
+        yield layer, tensor, wrap_prefix(prefix), wrap_suffix(suffix)
+
+
+def _nested_cuts(model, graph, layer, wrap_prefix, wrap_suffix):
+    """Cuts inside the nested Functional model `layer` of `graph`: only
+    when what feeds it is safe and its output is a cut of `graph`."""
+    node = layer._inbound_nodes[0]
+    if _unsafe_upstream(node.input_tensors)[0] is not None:
+        return
+    outer_suffix = _submodel(model, node.output_tensors[0],
+                             _output_structure(graph))
+    if outer_suffix is None:
+        return  # a path to the outputs bypasses the nested model
+    feeds = node.arguments.args[0]
+    graph_inputs = {id(t) for t in keras.tree.flatten(graph.inputs)}
+    if all(id(t) in graph_inputs for t in keras.tree.flatten(feeds)):
+        outer_prefix = None  # the nested model reads the inputs as they are
+    else:
+        outer_prefix = _submodel(model, graph.input, feeds)
+
+    def prefix_from_graph(prefix):
+        if outer_prefix is not None:
+            with _graph_untouched(model):
+                prefix = keras.Model(outer_prefix.input,
+                                     prefix(outer_prefix.output),
+                                     name="smartfrz_prefix")
+        return wrap_prefix(prefix)
+
+    def suffix_to_graph(suffix):
+        start = keras.Input(suffix.input.shape[1:], dtype=suffix.input.dtype)
+        with _graph_untouched(model):
+            suffix = keras.Model(start, outer_suffix(suffix(start)),
+                                 name="smartfrz_suffix")
+        return wrap_suffix(suffix)
+
+    yield from _cuts_in(model, layer, prefix_from_graph, suffix_to_graph)
+
+
 def find_cut(model):
     """The deepest tensor a frozen, deterministic prefix ends at.
+
+    Looks inside a nested Functional model too (a keras-hub backbone inside
+    its task model) when the nested model's output is itself a cut.
 
     Returns `(layer, tensor, prefix, suffix)`, where `prefix` maps the model's
     inputs to `tensor` and `suffix` maps `tensor` to the model's outputs (both
@@ -179,40 +306,12 @@ def find_cut(model):
     graph = _functional_graph(model)
     if graph is None:
         raise CacheRefused(static_refusal(model))
-    outputs = {id(t) for t in keras.tree.flatten(graph.outputs)}
     first_reason = None
-    for layer in reversed(graph.layers):
-        if isinstance(layer, keras.layers.InputLayer):
+    for found in _cuts_in(model, graph, lambda p: p, lambda s: s):
+        if found[0] is None:
+            first_reason = first_reason or found[1]
             continue
-        if len(layer._inbound_nodes) != 1:
-            continue  # a shared layer: its outputs are not one tensor
-        tensor = layer.output
-        if not isinstance(tensor, keras.KerasTensor) or id(tensor) in outputs:
-            continue
-        upstream = _upstream_layers(tensor)
-        reason = next(
-            (r for r in map(_unsafe_reason, upstream) if r is not None), None
-        )
-        if reason is not None:
-            first_reason = first_reason or reason
-            continue
-        if not any(sub.weights for sub in upstream):
-            break  # only weightless layers before: nothing worth caching
-        if any(d is None for d in tensor.shape[1:]):
-            first_reason = first_reason or (
-                f"the output of '{layer.name}' has an unknown shape "
-                f"{tensor.shape}"
-            )
-            continue
-        with _graph_untouched(model):
-            try:
-                suffix = keras.Model(
-                    tensor, graph.outputs, name="smartfrz_suffix"
-                )
-            except ValueError:
-                continue  # another path from the inputs bypasses this tensor
-            prefix = keras.Model(graph.input, tensor, name="smartfrz_prefix")
-        return layer, tensor, prefix, suffix
+        return found
     raise CacheRefused(
         "no frozen prefix of the model ends at a single tensor that every "
         "path to the outputs goes through"

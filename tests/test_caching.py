@@ -298,3 +298,50 @@ def test_release_optimizer_state_through_the_callback():
         len(plain.optimizer.variables) - 2 * 4)
     for a, b in zip(plain.weights, released.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+
+
+def _hub_resnet():
+    import keras_hub
+
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.ResNetBackbone(
+        input_conv_filters=[64], input_conv_kernel_sizes=[3],
+        stackwise_num_filters=[64, 64], stackwise_num_blocks=[1, 1],
+        stackwise_num_strides=[1, 2], block_type="basic_block",
+        use_pre_activation=False, image_shape=(12, 12, 1))
+    model = keras_hub.models.ResNetImageClassifier(
+        backbone=backbone, num_classes=2, preprocessor=None)
+    model.compile(keras.optimizers.Adam(1e-3),
+                  keras.losses.SparseCategoricalCrossentropy(True))
+    return model
+
+
+def test_cut_inside_a_keras_hub_backbone():
+    """A keras-hub task model holds its backbone as one nested model: the
+    cut is found inside it (after the first stage), and training on the
+    cache equals training without it."""
+    rng = np.random.default_rng(0)
+    x = rng.random((48, 12, 12, 1), dtype=np.float32)
+    y = (x.mean(axis=(1, 2, 3)) > 0.5).astype("int32")
+    plan = {0: ["conv1_conv", "stack0_block0_1_conv",
+                "stack0_block0_2_conv"]}
+    trained = []
+    for cache in (False, True):
+        model = _hub_resnet()
+        config = model.get_config()
+        freezer = _freezer(plan, cache=cache)
+        model.fit(x, y, batch_size=16, epochs=4, shuffle=False,
+                  callbacks=[freezer], verbose=0)
+        trained.append(model)
+    info = freezer.cache_info
+    assert info["cut"] == "stack0_block0_out", info
+    assert info["hits"] == [3, 3] and info["misses"] == [0, 0], info
+    for a, b in zip(*(m.weights for m in trained)):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4,
+                                   atol=1e-5, err_msg=a.path)
+    # The user's model and its backbone are as they were.
+    model = trained[1]
+    assert model.get_config() == config
+    assert model.backbone.output.shape == (None, 2, 2, 64)
+    assert all(len(l._inbound_nodes) == 1
+               for l in model.backbone.layers[1:])
