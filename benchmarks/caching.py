@@ -189,9 +189,27 @@ def _cuts(cache):
         return "-"
     return " > ".join(
         f"{c['cut']} ({'derived' if c['derived_from'] else 'filled'}, "
-        f"ep {c['epoch'] + 1})"
+        f"ep {c['epoch'] + 1}"
+        + (f", {sum(c['hits'])} hits" if "hits" in c else "")
+        + ")"
         for c in cuts
     )
+
+
+def _hits(cache):
+    """Cache hits over the run: every cut's (older results: the last's)."""
+    cuts = cache.get("cuts") or []
+    if not cuts:
+        return "-"
+    if all("hits" in c for c in cuts):
+        return str(sum(sum(c["hits"]) for c in cuts))
+    return str(sum(cache.get("hits", [])))
+
+
+def _megabytes(cache):
+    """The largest cache the run held, in MB (older results: the last)."""
+    sizes = [c["bytes"] for c in cache.get("cuts") or [] if "bytes" in c]
+    return max(sizes + [cache.get("bytes", 0)]) / 2**20
 
 
 def summary(results):
@@ -230,7 +248,8 @@ def render(results, command):
         "training of the same seed; `Δ acc` the test accuracy's difference "
         "from it, in points. `cuts`: each cut the cache moved to, whether "
         "an epoch filled it from the inputs or it was derived from the "
-        "previous cut at the stage, and the stage's epoch.",
+        "previous cut at the stage, the stage's epoch and the batches "
+        "it served; `hits` their sum, `cache MB` the largest cache.",
         "",
         "| seed | method | test acc | Δ acc | train s | x full | units frozen "
         "| cuts | cache MB | hits | opt. MB freed | peak RSS MB |",
@@ -257,8 +276,7 @@ def render(results, command):
                 + (f"{speed:.2f}x" if speed else "-")
                 + f" | {r.get('frozen_units', 0)}/{r.get('units', '-')} | "
                 f"{_cuts(cache)} | "
-                f"{cache.get('bytes', 0) / 2**20:.1f} | "
-                f"{sum(cache.get('hits', [])) if cache.get('cuts') else '-'}"
+                f"{_megabytes(cache):.1f} | {_hits(cache)}"
                 f" | {r.get('optimizer_bytes_released', 0) / 2**20:.2f} | "
                 f"{r['peak_rss_above_start_bytes'] / 2**20:.0f} |"
             )

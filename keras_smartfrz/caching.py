@@ -12,22 +12,25 @@ How it stays correct:
 - **Where it cuts.** The cut is one tensor of the model's Functional graph
   (Sequential and Functional models; a subclassed model has no graph to cut)
   that every path from the inputs to the outputs goes through, and whose
-  every upstream layer has no trainable weights, no randomness (Dropout,
-  noise, random augmentation layers, anything holding a seed generator), no
+  every upstream layer has no trainable weights, no randomness (Dropout or
+  noise at a rate above 0, random augmentation layers, anything else
+  holding a seed generator; `keras.ops` calls in the graph are fine), no
   activity regularizer, and is a BatchNormalization only if that is frozen in
   inference mode. The deepest such tensor is used. A nested Functional
   model called once (a keras-hub backbone inside its task model) is searched
   too, when what feeds it is safe and its single output is itself such a
   cut of the outer graph: the cut may then sit inside the backbone (a
   BERT-style backbone, with a padding mask reaching every layer and a dict
-  of outputs, has none). The layers after the cut
+  of outputs, has none inside; with `dropout=0.0` its task model is cut
+  after it). The layers after the cut
   are the model's own layers, with the same weights and the same optimizer:
   the model the user holds is unchanged, and validation and `predict` run
   the whole model as always.
 - **What it looks up.** The cache is content-addressed: each example's
   inputs are hashed (a 64-bit multiply-add hash of their bit patterns, exact
   integer arithmetic, so the same example always gets the same key in any
-  batch), and a batch uses cached activations only when every one of its
+  batch; inputs whose length is only known from the data, such as token
+  ids, are hashed in chunks with their length folded in), and a batch uses cached activations only when every one of its
   examples is found. Shuffling is therefore fine. An input pipeline that
   changes the examples from epoch to epoch (random augmentation before the
   model) misses; after a full epoch that mostly misses, caching turns itself
@@ -69,6 +72,7 @@ _RANDOM_LAYER_TYPES = (
     keras.layers.AlphaDropout,
 )
 _INT64_MAX = np.iinfo(np.int64).max
+_CHUNK = 1024  # multipliers per chunk when the input width is unknown
 
 
 class CacheRefused(Exception):
@@ -85,7 +89,10 @@ def _functional_graph(model):
 
 def _is_random(layer):
     if isinstance(layer, _RANDOM_LAYER_TYPES):
-        return True
+        # Keras' noise layers draw nothing at rate 0 / stddev 0 (their
+        # `call` returns the inputs unless `training and rate > 0`), as in
+        # a model built with `dropout=0.0`.
+        return float(getattr(layer, "rate", getattr(layer, "stddev", 1))) > 0
     return any(
         isinstance(value, keras.random.SeedGenerator)
         for value in vars(layer).values()
@@ -94,6 +101,10 @@ def _is_random(layer):
 
 def _unsafe_reason(layer):
     """Why `layer` cannot sit in the cached prefix, or None."""
+    if not isinstance(layer, keras.layers.Layer):
+        # A `keras.ops` call in a functional graph (`x[:, 0]`, `ops.mean`):
+        # a deterministic function of its inputs, with no weights.
+        return None
     for sub in layer._flatten_layers(include_self=True, recursive=True):
         if sub.trainable_weights:
             return f"layer '{sub.name}' is still trainable"
@@ -161,10 +172,17 @@ def _graph_untouched(model):
     their own node lists, so the user's layers are put back as they were
     (`layer.output` keeps working, the saved config is unchanged).
     """
-    layers = list(model._flatten_layers(include_self=True, recursive=True))
-    graph = _functional_graph(model)
-    if graph is not None and graph is not model:
-        layers.append(graph)
+    found = {id(l): l for l in
+             model._flatten_layers(include_self=True, recursive=True)}
+    for layer in list(found.values()):
+        graph = _functional_graph(layer)
+        if graph is None:
+            continue
+        found.setdefault(id(graph), graph)
+        # `keras.ops` calls in the graph are operations, not layers.
+        for operation in graph.operations:
+            found.setdefault(id(operation), operation)
+    layers = list(found.values())
     sizes = [(len(l._inbound_nodes), len(l._outbound_nodes)) for l in layers]
     try:
         yield
@@ -183,15 +201,9 @@ def _unsafe_upstream(tensors):
     ), layers
 
 
-def _nested_graph(layer):
-    """`layer` as a Functional model called once on one output, or None."""
-    if not isinstance(layer, keras.src.models.functional.Functional):
-        return None
-    if len(layer._inbound_nodes) != 1:
-        return None
-    if len(keras.tree.flatten(layer.outputs)) != 1:
-        return None
-    return layer
+def _is_functional(layer):
+    """Whether `layer` is a Functional model (with a graph to look in)."""
+    return isinstance(layer, keras.src.models.functional.Functional)
 
 
 def _output_structure(graph):
@@ -222,7 +234,8 @@ def _cuts_in(model, graph, wrap_prefix, wrap_suffix):
     the model's own graph; see `_nested_cuts`).
     """
     outputs = {id(t) for t in keras.tree.flatten(graph.outputs)}
-    for layer in reversed(graph.layers):
+    # Operations, not only layers: a cut may be a `keras.ops` call's output.
+    for layer in reversed(graph.operations):
         if isinstance(layer, keras.layers.InputLayer):
             continue
         if len(layer._inbound_nodes) != 1:
@@ -238,13 +251,14 @@ def _cuts_in(model, graph, wrap_prefix, wrap_suffix):
         reason, upstream = _unsafe_upstream(tensor)
         if reason is not None:
             yield None, reason
-            if _nested_graph(layer) is not None:
-                # A nested model (a keras-hub backbone in its task model)
-                # frozen only in part: the cut may be inside it.
+            if _is_functional(layer):
+                # A nested model (a keras-hub backbone in its task model),
+                # called once with one output (checked above), frozen only
+                # in part: the cut may be inside it.
                 yield from _nested_cuts(model, graph, layer, wrap_prefix,
                                         wrap_suffix)
             continue
-        if not any(sub.weights for sub in upstream):
+        if not any(getattr(sub, "weights", None) for sub in upstream):
             return  # only weightless layers before: nothing worth caching
         if any(d is None for d in tensor.shape[1:]):
             yield None, (f"the output of '{layer.name}' has an unknown "
@@ -325,11 +339,7 @@ def between(model, start, end):
     Built over the model's own layers; None when `end` also depends on the
     inputs by a path that bypasses `start`.
     """
-    with _graph_untouched(model):
-        try:
-            return keras.Model(start, end, name="smartfrz_between")
-        except ValueError:
-            return None
+    return _submodel(model, start, end, name="smartfrz_between")
 
 
 def example_bytes(tensor):
@@ -358,6 +368,7 @@ class ActivationCache:
         self.derived_from = None
         self.nbytes = self.capacity * example_bytes(tensor)
         self.filling = True
+        self.released = False
         self.hits = []
         self.misses = []
         shape = (self.capacity,) + tuple(tensor.shape[1:])
@@ -380,10 +391,13 @@ class ActivationCache:
         self._hits = tf.Variable(0, dtype=tf.int64, trainable=False)
         self._misses = tf.Variable(0, dtype=tf.int64, trainable=False)
         rng = np.random.default_rng(seed)
-        width = sum(
-            int(np.prod(t.shape[1:]))
-            for t in keras.tree.flatten(self.prefix.inputs)
-        )
+        # One random odd multiplier per input element; when the width is
+        # unknown until the data comes (token ids of any length), the
+        # elements are taken in chunks of `_CHUNK` (see `_keys`).
+        shapes = [t.shape[1:] for t in keras.tree.flatten(self.prefix.inputs)]
+        self._fixed_width = all(None not in s for s in shapes)
+        width = (sum(int(np.prod(s)) for s in shapes)
+                 if self._fixed_width else _CHUNK)
         self._multipliers = tf.constant(
             rng.integers(-(2**62), 2**62, size=(2, width), dtype=np.int64) | 1
         )
@@ -398,11 +412,27 @@ class ActivationCache:
                 flat = tf.bitcast(tf.cast(flat, tf.float32), tf.int32)
             columns.append(tf.cast(flat, tf.int64))
         bits = tf.concat(columns, axis=1)
+        multipliers = self._multipliers
+        if not self._fixed_width:
+            # Width unknown when the cache was made: pad the elements to
+            # whole chunks and weight chunk c by a distinct odd number
+            # (2c + 1), and fold the width in, so that where an element
+            # sits and how many there are both change the key.
+            width = tf.shape(bits)[1]
+            chunks = (width + _CHUNK - 1) // _CHUNK
+            bits = tf.pad(bits, [[0, 0], [0, chunks * _CHUNK - width]])
+            bits = tf.reshape(bits, (tf.shape(bits)[0], chunks, _CHUNK))
+            weight = tf.cast(2 * tf.range(chunks) + 1, tf.int64)[:, None]
+            multipliers = multipliers[:, None, :] * weight[None]
+            bits += tf.cast(width, tf.int64) * 0x9E3779B1
+            first = tf.reduce_sum(bits * multipliers[0], axis=(1, 2))
+            second = tf.reduce_sum((bits ^ 0x5BD1E995) * multipliers[1],
+                                   axis=(1, 2))
+            return first ^ (second * 0x2545F4914F6CDD1D)
         # Integer arithmetic wraps modulo 2**64: exact, so the key does not
         # depend on the batch the example sits in or the reduction order.
-        first = tf.reduce_sum(bits * self._multipliers[0], axis=1)
-        second = tf.reduce_sum((bits ^ 0x5BD1E995) * self._multipliers[1],
-                               axis=1)
+        first = tf.reduce_sum(bits * multipliers[0], axis=1)
+        second = tf.reduce_sum((bits ^ 0x5BD1E995) * multipliers[1], axis=1)
         return first ^ (second * 0x2545F4914F6CDD1D)
 
     def _lookup(self, keys):
@@ -488,9 +518,9 @@ class ActivationCache:
         and deterministic like the rest of the prefix), `batch_size` examples
         per call of one compiled function; the keys and their order are
         shared. Returns None when `cut` does not go through this cache's cut
-        or this cache is still filling.
+        or this cache is still filling or released.
         """
-        if self.filling:
+        if self.filling or self.released:
             return None
         middle = between(self.model, self.tensor, cut[1])
         if middle is None:
@@ -557,4 +587,4 @@ class ActivationCache:
         """Drops the cached values (the variables die with this object)."""
         for name in ("_values", "_fill_keys", "_sorted_keys", "_sorted_slots"):
             setattr(self, name, None)
-        self.filling = True  # nothing to derive from any more
+        self.released = True

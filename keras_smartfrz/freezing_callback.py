@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 import os
 import time
 import warnings
@@ -191,8 +192,10 @@ class FreezingCallback(keras.callbacks.Callback):
             a warning says why. The epoch after the first freeze fills the
             cache; a later freeze that moves the cut deeper computes the new
             cache from the old one at the freezing stage. `cache_info`
-            reports what it did (`"cuts"`: each cut, the stage that made it
-            and the cut it was derived from). See `keras_smartfrz.caching`.
+            reports what it did: the current cache's cut, size and hits
+            and misses per epoch, and `"cuts"`, each cut the run moved to
+            with the stage that made it, the cut it was derived from, its
+            size and its own hits and misses per epoch. See `keras_smartfrz.caching`.
         cache_budget_bytes: the largest cache allowed, in bytes (default
             1 GiB). It holds one epoch's examples; a bigger cache is not
             made (a warning gives the size it would need).
@@ -454,6 +457,12 @@ class FreezingCallback(keras.callbacks.Callback):
                 status="filling" if self._cache.filling else "active",
                 hits=list(self._cache.hits), misses=list(self._cache.misses),
             )
+            if self.cache_info["cuts"]:
+                # The current cache is the last cut's.
+                self.cache_info["cuts"][-1].update(
+                    hits=list(self._cache.hits),
+                    misses=list(self._cache.misses),
+                )
             if reason is not None:
                 self._cache_off = reason
                 self._set_cache(None, reason)
@@ -586,7 +595,17 @@ class FreezingCallback(keras.callbacks.Callback):
                 ])
 
             self._finite_fn = tf.function(all_finite, autograph=False)
-        every = self._finite_fn().numpy()
+            # The one trace per fit is meant; TensorFlow would call it
+            # "excessive retracing" once five fits ran in one process.
+            logger = tf.get_logger()
+            level = logger.level
+            logger.setLevel(logging.ERROR)
+            try:
+                every = self._finite_fn().numpy()
+            finally:
+                logger.setLevel(level)
+        else:
+            every = self._finite_fn().numpy()
         finite = np.array(
             [bool(every[self._unit_index[id(u)]]) for u in units], dtype=bool
         )
@@ -704,7 +723,8 @@ class FreezingCallback(keras.callbacks.Callback):
             # come from (None: the next epoch fills it from the inputs).
             self.cache_info["cuts"].append(
                 {"cut": cut[0].name, "epoch": epoch,
-                 "derived_from": cache.derived_from}
+                 "derived_from": cache.derived_from,
+                 "bytes": cache.nbytes, "hits": [], "misses": []}
             )
         self.overhead_seconds["caching"] += time.perf_counter() - start
 

@@ -69,14 +69,18 @@ def test_cached_training_matches_uncached(jit_compile, shuffle, budget):
     if budget is None:
         # The bn1 cache was computed from the bn0 cache at that stage:
         # epochs 3 and 4 both read it.
+        # Each cut keeps its own count: epoch 2 read the bn0 cache.
         assert info["cuts"] == [
-            {"cut": "bn0", "epoch": 0, "derived_from": None},
-            {"cut": "bn1", "epoch": 2, "derived_from": "bn0"}], info
+            {"cut": "bn0", "epoch": 0, "derived_from": None, "bytes": 6400,
+             "hits": [7], "misses": [0]},
+            {"cut": "bn1", "epoch": 2, "derived_from": "bn0", "bytes": 6400,
+             "hits": [7, 7], "misses": [0, 0]}], info
         assert info["hits"] == [7, 7] and info["misses"] == [0, 0], info
     else:
         # Both caches together (12800 bytes) are over the budget: epoch 3
         # filled the bn1 cache from the inputs, epoch 4 read it.
-        assert [c["derived_from"] for c in info["cuts"]] == [None, None]
+        assert [(c["derived_from"], c["hits"]) for c in info["cuts"]] == [
+            (None, [7]), (None, [7])], info
         assert info["hits"] == [7] and info["misses"] == [0], info
     for a, b in zip(plain.weights, cached.weights):
         np.testing.assert_allclose(
@@ -213,6 +217,24 @@ def test_cut_stops_before_randomness_and_batch_statistics(frozen_batchnorm):
 
 
 @pytest.mark.parametrize(
+    "noise",
+    [keras.layers.Dropout(0.0, name="drop"),
+     keras.layers.GaussianNoise(0.0, name="drop")],
+)
+def test_noise_layer_at_rate_zero_is_deterministic(noise):
+    """A model built with dropout=0.0 keeps its (inert) Dropout layers."""
+    x, y = toy_data(64)
+    model = _compiled(keras.layers.Dense(8, name="d0"), noise,
+                      keras.layers.Dense(8, name="d1"),
+                      keras.layers.Dense(2, name="head"))
+    freezer = FreezingCallback(
+        ScriptedPolicy({0: ["d0", "d1"]}), cache_activations=True)
+    model.fit(x, y, batch_size=16, epochs=3, callbacks=[freezer], verbose=0)
+    assert freezer.cache_info["cut"] == "d1"
+    assert freezer.cache_info["hits"] == [4]
+
+
+@pytest.mark.parametrize(
     "first, match",
     [(keras.layers.GaussianNoise(0.1, name="noise"), "draws random numbers"),
      (keras.layers.BatchNormalization(name="bn_in"), "batch statistics")],
@@ -267,6 +289,69 @@ def test_cut_bypassed_by_a_skip_connection_is_not_used():
     model.layers[2].trainable = False
     layer, *_ = caching.find_cut(model)
     assert layer.name == "add"
+
+
+def test_cut_after_keras_ops_in_the_graph():
+    """`keras.ops` calls (`x[:, 1:]`, `x[:, 0]`) are operations, not layers:
+    the prefix may end at one, the suffix may hold one, and the user's graph
+    is as it was after the cache."""
+    x = np.random.default_rng(0).normal(size=(64, 3, 6)).astype("float32")
+    y = (x[:, 1, 0] > 0).astype("int32")
+    inputs = keras.Input((3, 6))
+    sliced = keras.layers.Dense(6, name="d0")(inputs)[:, 1:]
+    hidden = keras.layers.Dense(6, name="d1")(sliced)[:, 0]
+    model = keras.Model(inputs, keras.layers.Dense(2, name="head")(hidden))
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(True))
+    nodes = [len(op._inbound_nodes) for op in model.operations]
+    freezer = FreezingCallback(
+        ScriptedPolicy({0: ["d0"]}), cache_activations=True)
+    model.fit(x, y, batch_size=16, epochs=3, callbacks=[freezer], verbose=0)
+    assert freezer.cache_info["cut"] == sliced._keras_history.operation.name
+    assert freezer.cache_info["hits"] == [4]
+    assert [len(op._inbound_nodes) for op in model.operations] == nodes
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_token_inputs_of_unknown_length(jit_compile):
+    """Token ids with an unknown sequence length (as in a keras-hub text
+    model): the keys hash any width; cached training matches uncached."""
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 50, size=(96, 12)).astype("int32")
+    labels = (tokens[:, 0] > 25).astype("int32")
+
+    def data():
+        # The reshape hides the width from the traced step: (None, None).
+        return tf.data.Dataset.from_tensor_slices((tokens, labels)).batch(
+            16).map(lambda t, y: (tf.reshape(t, [tf.shape(t)[0], -1]), y))
+
+    def train(cache):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((None,), dtype="int32")
+        hidden = keras.layers.Embedding(50, 8, name="embed")(inputs)
+        hidden = keras.layers.GlobalAveragePooling1D(name="pool")(hidden)
+        hidden = keras.layers.Dense(8, name="d1")(hidden)
+        model = keras.Model(inputs, keras.layers.Dense(2, name="head")(hidden))
+        model.compile("adam",
+                      keras.losses.SparseCategoricalCrossentropy(True),
+                      jit_compile=jit_compile)
+        freezer = FreezingCallback(
+            ScriptedPolicy({0: ["embed", "d1"]}), cache_activations=cache)
+        model.fit(data(), epochs=4, callbacks=[freezer], verbose=0)
+        return model, freezer
+
+    plain, _ = train(False)
+    cached, freezer = train(True)
+    assert freezer.cache_info["cut"] == "d1"
+    assert freezer.cache_info["hits"] == [6, 6]
+    for a, b in zip(plain.weights, cached.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5,
+                                   atol=1e-6, err_msg=a.path)
+    # Other tokens, or the same ones one longer, are other examples.
+    cache = caching.ActivationCache(cached, caching.find_cut(cached), 8)
+    keys = cache._keys(tf.constant(np.concatenate(
+        [tokens[:4], tokens[:4, ::-1]])))
+    longer = cache._keys(tf.constant(np.pad(tokens[:4], [[0, 0], [0, 1]])))
+    assert len(set(keys.numpy()) | set(longer.numpy())) == 12
 
 
 def test_arguments_are_validated_and_serialised():
