@@ -14,8 +14,8 @@ deepest cut, epoch 3 reads it:
   dropout is 0.1);
 - `cnn_finetune, augmenting`: the same CNN with fresh random noise added to
   every image by the input pipeline (a stand-in for random augmentation);
-- `minilm_finetune, no dropout`: the preset's backbone built with
-  `dropout=0.0`, to show what refuses once the dropout is gone.
+- `minilm_finetune, no dropout`: the preset's backbone and classifier
+  built with `dropout=0.0` (then the cut is after the backbone).
 
 Reported per run: the cache's final status and reason, the cuts it moved
 to (filled or derived, stage epoch, hits), the warnings it gave, and the
@@ -23,7 +23,7 @@ units frozen. Accuracies mean nothing here (a few steps of training).
 
 Usage (from the repository root):
 
-    python benchmarks/caching_scope.py     # about 5 min on 2 CPU cores
+    python benchmarks/caching_scope.py     # about 3 min on 2 CPU cores
 
 Writes benchmarks/results/caching_scope.json and caching_scope.md.
 """
@@ -44,6 +44,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import caching as caching_benchmark  # noqa: E402
 import suite  # noqa: E402
 
 import keras_smartfrz  # noqa: E402
@@ -144,16 +145,6 @@ def run_case(name, variant, seed=0):
     return row
 
 
-def _cuts(cuts):
-    if not cuts:
-        return "-"
-    return " > ".join(
-        f"{c['cut']} ({'derived' if c['derived_from'] else 'filled'}, "
-        f"ep {c['epoch'] + 1}, {sum(c['hits'])} hits)"
-        for c in cuts
-    )
-
-
 def render(results, command):
     lines = [
         "# Where activation caching applies",
@@ -177,7 +168,8 @@ def render(results, command):
     for r in results["runs"]:
         lines.append(
             f"| {r['scenario']} | {r['variant']} | "
-            f"{r['frozen_units']}/{r['units']} | {_cuts(r['cuts'])} | "
+            f"{r['frozen_units']}/{r['units']} | "
+            f"{caching_benchmark._cuts(r)} | "
             f"{r['status']}: {r['reason']} | "
             + ("<br>".join(w.replace("|", "\\|") for w in r["warnings"])
                or "-")

@@ -30,12 +30,13 @@ How it stays correct:
   inputs are hashed (a 64-bit multiply-add hash of their bit patterns, exact
   integer arithmetic, so the same example always gets the same key in any
   batch; inputs whose length is only known from the data, such as token
-  ids, are hashed in chunks with their length folded in), and a batch uses cached activations only when every one of its
-  examples is found. Shuffling is therefore fine. An input pipeline that
-  changes the examples from epoch to epoch (random augmentation before the
-  model) misses; after a full epoch that mostly misses, caching turns itself
-  off with a warning that says so. Two different examples share a key with a
-  probability of about 2**-64 per pair.
+  ids, are hashed in chunks with their length folded in), and a batch uses
+  cached activations only when every one of its examples is found.
+  Shuffling is therefore fine. An input pipeline that changes the examples
+  from epoch to epoch (random augmentation before the model) misses; after
+  a full epoch that mostly misses, caching turns itself off with a warning
+  that says so. Two different examples share a key with a probability of
+  about 2**-64 per pair.
 - **When it fills.** The epoch after the first freeze computes the prefix
   as usual and stores each example's output; the following epochs read it.
   A later freeze that moves the cut deeper derives the new cache from the
@@ -421,14 +422,10 @@ class ActivationCache:
             width = tf.shape(bits)[1]
             chunks = (width + _CHUNK - 1) // _CHUNK
             bits = tf.pad(bits, [[0, 0], [0, chunks * _CHUNK - width]])
-            bits = tf.reshape(bits, (tf.shape(bits)[0], chunks, _CHUNK))
-            weight = tf.cast(2 * tf.range(chunks) + 1, tf.int64)[:, None]
-            multipliers = multipliers[:, None, :] * weight[None]
             bits += tf.cast(width, tf.int64) * 0x9E3779B1
-            first = tf.reduce_sum(bits * multipliers[0], axis=(1, 2))
-            second = tf.reduce_sum((bits ^ 0x5BD1E995) * multipliers[1],
-                                   axis=(1, 2))
-            return first ^ (second * 0x2545F4914F6CDD1D)
+            weight = tf.cast(2 * tf.range(chunks) + 1, tf.int64)
+            multipliers = tf.reshape(
+                multipliers[:, None, :] * weight[None, :, None], (2, -1))
         # Integer arithmetic wraps modulo 2**64: exact, so the key does not
         # depend on the batch the example sits in or the reduction order.
         first = tf.reduce_sum(bits * multipliers[0], axis=1)

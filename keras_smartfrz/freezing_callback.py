@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import logging
 import os
 import time
 import warnings
@@ -195,7 +194,8 @@ class FreezingCallback(keras.callbacks.Callback):
             reports what it did: the current cache's cut, size and hits
             and misses per epoch, and `"cuts"`, each cut the run moved to
             with the stage that made it, the cut it was derived from, its
-            size and its own hits and misses per epoch. See `keras_smartfrz.caching`.
+            size and its own hits and misses per epoch. See
+            `keras_smartfrz.caching`.
         cache_budget_bytes: the largest cache allowed, in bytes (default
             1 GiB). It holds one epoch's examples; a bigger cache is not
             made (a warning gives the size it would need).
@@ -595,17 +595,11 @@ class FreezingCallback(keras.callbacks.Callback):
                 ])
 
             self._finite_fn = tf.function(all_finite, autograph=False)
-            # The one trace per fit is meant; TensorFlow would call it
-            # "excessive retracing" once five fits ran in one process.
-            logger = tf.get_logger()
-            level = logger.level
-            logger.setLevel(logging.ERROR)
-            try:
-                every = self._finite_fn().numpy()
-            finally:
-                logger.setLevel(level)
-        else:
-            every = self._finite_fn().numpy()
+            # Traced ahead of the call: a trace made inside a call counts
+            # towards TensorFlow's "excessive retracing" warning, which one
+            # trace per fit gave once five fits had run in one process.
+            self._finite_fn.get_concrete_function()
+        every = self._finite_fn().numpy()
         finite = np.array(
             [bool(every[self._unit_index[id(u)]]) for u in units], dtype=bool
         )
