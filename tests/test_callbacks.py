@@ -1,3 +1,4 @@
+import warnings
 
 import keras
 import numpy as np
@@ -264,6 +265,33 @@ def test_nan_weights_block_that_unit_only():
     with pytest.warns(UserWarning, match="mlp/d1.*NaN or inf"):
         fit(mlp(), [Poison(), freezer], epochs=2)
     assert freezer.frozen_units == ["mlp/d0", "mlp/d2"]
+
+
+def test_nan_weights_of_a_unit_not_proposed_are_not_read(monkeypatch):
+    # Only the units a stage proposes are checked for NaN: a poisoned unit
+    # that no stage proposes raises no warning and trains on, and a stage
+    # that proposes nothing reads no weights at all.
+    class Poison(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            kernel = self.model.get_layer("d1").kernel
+            kernel.assign(kernel * np.nan)
+
+    checked = []
+    isfinite = keras.ops.isfinite
+
+    def counting_isfinite(x):
+        checked.append(tuple(x.shape))
+        return isfinite(x)
+
+    monkeypatch.setattr(keras.ops, "isfinite", counting_isfinite)
+    freezer = FreezingCallback(ScriptedPolicy({0: ["d0"]}), mode="any",
+                               window_size=4)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*NaN or inf.*")
+        fit(mlp(), [Poison(), freezer], epochs=3)
+    assert freezer.frozen_units == ["mlp/d0"]
+    d0 = freezer.model.get_layer("d0")
+    assert checked == [tuple(v.shape) for v in d0.weights]
 
 
 def test_verbose_prints_the_freeze(capsys):
