@@ -340,9 +340,17 @@ def check_resumed(report):
         "mw/d1/kernel", "mw/d1/bias", "mw/head/kernel", "mw/head/bias"]
     assert report["d0_unchanged"]
     assert report["head_changed"]
-    # fit finished: every state file is gone, the temporary directory too.
-    assert not [p for p in report["left"] if "smartfrz" in p
-                or p.startswith("workertemp")]
+    # fit finished: the state files this process removes are gone, its
+    # temporary directory too. The chief removes the shared state, a worker
+    # its own temporary directory, each at its own end of fit, which
+    # nothing synchronizes with the other's: another process's files may
+    # still be there when this one looks (the caller checks after both).
+    left = report["left"]
+    own = "workertemp" if not report["multi"] else (
+        f"workertemp_{report['task']}")
+    assert not [p for p in left if p.startswith(own)]
+    if report["chief"]:
+        assert not [p for p in left if p.startswith("smartfrz")]
 
 
 def test_multi_worker_mirrored_strategy_on_one_worker(tmp_path):
@@ -367,6 +375,9 @@ def test_multi_worker_mirrored_strategy_on_two_local_workers(tmp_path):
         assert "workertemp_1/smartfrz_state.npz" in last
         assert not [p for p in last if p.startswith("workertemp_0")]
         check_resumed(report)
+    # Both processes have ended: the chief's state is gone too.
+    assert not [p.name for p in tmp_path.iterdir()
+                if "smartfrz" in p.name or p.name.startswith("workertemp")]
     assert chief["trainable_bytes"] == worker["trainable_bytes"]
     for report in (chief, worker):
         assert "restored different freezing states" in report["disagree"]
