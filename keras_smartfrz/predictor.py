@@ -230,17 +230,24 @@ def window_features(window, unit_index, num_units):
 def predictor_inputs(window, unit_index, num_units):
     """What `FreezePredictor` reads for raw windows of some units.
 
+    The normalised window comes with each snapshot's values already sorted
+    (the predictor reads them sorted, see `FreezePredictor`): NumPy sorts
+    them here in a few milliseconds, where the sort inside the model costs
+    more than the rest of its call (65 against 48 ms for 35 units of
+    1024 samples, on 2 CPU cores); the model skips its own sort for input
+    that is already sorted.
+
     Args:
         window: array `(units, T, S)` of raw sampled weights, oldest first.
         unit_index: each unit's position among the model's units.
         num_units: the model's number of units.
 
     Returns:
-        `{"window": normalize_window(window), "features":
+        `{"window": np.sort(normalize_window(window), axis=-1), "features":
         window_features(window, unit_index, num_units)}`.
     """
     return {
-        "window": normalize_window(window),
+        "window": np.sort(normalize_window(window), axis=-1),
         "features": window_features(window, unit_index, num_units),
     }
 
@@ -411,7 +418,12 @@ class FreezePredictor(keras.Model):
         # means the same thing for every unit of every model. Normalised
         # windows reach `window_size - 1` in magnitude; scaled to about
         # [-1, 1] so the encoders' ReLUs do not saturate.
-        window = keras.ops.sort(window, axis=-1)
+        # Input that is already sorted (`predictor_inputs` sorts with NumPy)
+        # skips the sort: checking costs one comparison per value.
+        is_sorted = keras.ops.all(window[..., 1:] >= window[..., :-1])
+        window = keras.ops.cond(
+            is_sorted, lambda: window, lambda: keras.ops.sort(window, axis=-1)
+        )
         return window / float(self.window_size - 1), features
 
     def _encode_snapshots(self, encoder, window):

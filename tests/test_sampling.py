@@ -77,3 +77,55 @@ def test_sampler_follows_weight_changes():
     np.testing.assert_array_equal(before[0], after[0])
     assert np.all(after[1][before[1] != after[1]] != 0)
     assert not np.array_equal(before[1], after[1])
+
+
+def _staged_sampler(model, capacity=3):
+    units = find_units(model)
+    positions = [draw_sample_positions(u.num_params, 16, 0, i)
+                 for i, u in enumerate(units)]
+    sampler = WeightSampler(units, positions)
+    sampler.stage(capacity)
+    return sampler
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_in_step_snapshot_reads_the_weights_after_the_update(jit_compile):
+    model = mlp(jit_compile=jit_compile)
+    sampler = _staged_sampler(model)
+    model.train_step = sampler.wrap_train_step(
+        model.train_step, jit_compile=jit_compile)
+    x = np.random.default_rng(0).normal(size=(32, 6)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32")
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)  # builds, traces
+    assert sampler.flush().shape == (0, 4, 16)  # nothing requested
+    sampler.request()
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)  # one step
+    after_step = sampler()
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)  # no request
+    staged = sampler.flush()
+    assert staged.shape == (1, 4, 16)
+    # The weights after the step that was asked, not before or later.
+    np.testing.assert_array_equal(staged[0], after_step)
+    assert not np.array_equal(staged[0], sampler())
+
+
+def test_staging_buffer_fills_flushes_and_drops_an_unserved_request():
+    model = mlp()
+    sampler = _staged_sampler(model, capacity=2)
+    model.train_step = sampler.wrap_train_step(model.train_step)
+    x = np.zeros((16, 6), "float32")
+    y = np.zeros((16,), "int32")
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    sampler.request()
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    sampler.request()
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    with pytest.raises(RuntimeError, match="flush"):
+        sampler.request()
+    assert sampler.flush().shape == (2, 4, 16)
+    sampler.request()  # no step runs after it (an input ran out)
+    assert sampler.flush().shape == (0, 4, 16)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)  # writes nothing
+    assert sampler.flush().shape == (0, 4, 16)
+    with pytest.raises(ValueError, match="capacity"):
+        sampler.stage(0)
