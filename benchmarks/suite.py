@@ -492,11 +492,8 @@ class HookTimer:
     step's retrace after a freeze costs.
     """
 
-    # on_train_batch_begin asks the next step for an in-step snapshot;
-    # the snapshot itself is taken inside the train step, in the step's
-    # time (`sampling_cost.py` measures it).
-    HOOKS = ("on_train_begin", "on_epoch_begin", "on_train_batch_begin",
-             "on_train_batch_end", "on_epoch_end")
+    HOOKS = ("on_train_begin", "on_epoch_begin", "on_train_batch_end",
+             "on_epoch_end")
 
     def __init__(self, freezer):
         self.seconds = {name: 0.0 for name in self.HOOKS}
@@ -647,8 +644,7 @@ def run_one(scenario, size, task, flops, method, seed, predictor, label,
     if timer is not None:
         s = timer.seconds
         hooks = sum(s[name] for name in HookTimer.HOOKS)
-        sampling = (s["on_train_begin"] + s["on_train_batch_begin"]
-                    + s["on_train_batch_end"])
+        sampling = s["on_train_begin"] + s["on_train_batch_end"]
         retrace = [
             max(0.0, timer.first_step[e] - timer.median_step[e])
             for e in range(1, len(timer.first_step))

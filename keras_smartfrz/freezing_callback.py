@@ -338,8 +338,6 @@ class FreezingCallback(keras.callbacks.Callback):
         self._sampler = None
         self._sample_rows = None
         self._history = None
-        self._in_step = False
-        self.sampling_mode = None
         self._cadence = None
         self._step = 0
         self._epoch_start_step = 0
@@ -365,9 +363,9 @@ class FreezingCallback(keras.callbacks.Callback):
             # variables in the first train step: set up after it.
             self._setup_pending = True
             return
-        self._setup(before_first_step=True)
+        self._setup()
 
-    def _setup(self, before_first_step=False):
+    def _setup(self):
         self._setup_pending = False
         self.units = find_units(self.model)
         self._unit_index = {id(u): i for i, u in enumerate(self.units)}
@@ -399,7 +397,7 @@ class FreezingCallback(keras.callbacks.Callback):
                 self._positions[unit.name] = draw_sample_positions(
                     unit.num_params, self.sample_size, self.seed, index
                 )
-            self._start_sampling(before_first_step)
+            self._start_sampling()
             steps = self.params.get("steps") if self.params else None
             self._cadence = SnapshotCadence(
                 self.window_size,
@@ -425,24 +423,9 @@ class FreezingCallback(keras.callbacks.Callback):
         if self._summaries is not None:
             self._summaries.begin_epoch(epoch)
 
-    def on_train_batch_begin(self, batch, logs=None):
-        # With in-step sampling, the step about to run is asked for the
-        # snapshot the host sampler would take after it (the same steps).
-        if (
-            self._in_step
-            and self._sampling
-            and self._cadence.due(self._epoch_start_step + batch + 1)
-        ):
-            start = time.perf_counter()
-            if self._sampler.pending >= self._sampler.capacity:
-                self._flush_snapshots()
-            self._sampler.request()
-            self.overhead_seconds["sampling"] += time.perf_counter() - start
-
     def on_train_batch_end(self, batch, logs=None):
         # `batch` is the index of the last step run (several with
-        # steps_per_execution > 1); with `on_train_batch_begin`, this is the
-        # only per-step Python work.
+        # steps_per_execution > 1); this is the only per-step Python work.
         self._step = self._epoch_start_step + batch + 1
         if self._setup_pending:
             self._setup()
@@ -456,7 +439,6 @@ class FreezingCallback(keras.callbacks.Callback):
             self._epoch_samples = int(self.model._loss_tracker.count.numpy())
         if (
             self._sampling
-            and not self._in_step
             and self._cadence is not None
             and self._cadence.due(self._step)
         ):
@@ -466,8 +448,6 @@ class FreezingCallback(keras.callbacks.Callback):
         self._backup_in_epoch(batch)
 
     def on_epoch_end(self, epoch, logs=None):
-        if self._in_step:
-            self._flush_snapshots()
         cache_dropped = False
         if self._cache is not None:
             start = time.perf_counter()
@@ -514,13 +494,6 @@ class FreezingCallback(keras.callbacks.Callback):
             self._save_backup(epoch + 1)
 
     def on_train_end(self, logs=None):
-        if self._in_step:
-            self._flush_snapshots()
-            self._in_step = False
-            if self._cache is None:
-                # The user's model gets its own train step back.
-                self._apply_train_step()
-                freezing.rebuild_train_step(self.model)
         if self._cache is not None:
             # The user's model gets its own train step back.
             self._set_cache(None, "fit ended")
@@ -677,14 +650,16 @@ class FreezingCallback(keras.callbacks.Callback):
         if self._cache is not None:
             self._cache.release()
         self._cache = cache
-        self._apply_train_step()
         if cache is None:
+            if "train_step" in vars(self.model):
+                del self.model.train_step
             self.cache_info.update(status="off", reason=reason)
             if reason != "fit ended":
                 self.cache_info["bytes"] = 0
             if reason not in (None, "fit ended"):
                 self._warn_cache(reason)
         else:
+            self.model.train_step = cache.train_step
             self.cache_info.update(
                 status="filling" if cache.filling else "active",
                 reason=None, cut=cache.layer.name, bytes=cache.nbytes,
@@ -749,7 +724,7 @@ class FreezingCallback(keras.callbacks.Callback):
             optimizer, variables
         )
 
-    def _start_sampling(self, before_first_step):
+    def _start_sampling(self):
         self._sampler = WeightSampler(
             self._active, [self._positions[u.name] for u in self._active]
         )
@@ -757,47 +732,6 @@ class FreezingCallback(keras.callbacks.Callback):
         self._history = SnapshotHistory(
             len(self._active), self.window_size, self.sample_size
         )
-        # Sampling inside the train step needs the step not yet traced in
-        # this fit (setting it up later would cost a retrace), one step per
-        # execution (a snapshot is due after a given step) and no
-        # tf.distribute strategy (one buffer, written by one replica).
-        # Elsewhere the sampler runs between steps.
-        if (
-            before_first_step
-            and getattr(self.model, "train_function", None) is not None
-            and getattr(self.model, "steps_per_execution", 1) == 1
-            and not _under_strategy(self.model)
-        ):
-            self._sampler.stage(self.window_size)
-            self._in_step = True
-            self.sampling_mode = "in_step"
-            self._apply_train_step()
-            # Not traced yet: the rebuilt step is traced at its first call,
-            # as the one `fit` made would have been.
-            freezing.rebuild_train_step(self.model)
-        else:
-            self.sampling_mode = "between_steps"
-
-    def _flush_snapshots(self):
-        """Moves the snapshots taken inside the train step to the history."""
-        start = time.perf_counter()
-        for snapshot in self._sampler.flush():
-            self._history.append(snapshot[self._sample_rows])
-        self.overhead_seconds["sampling"] += time.perf_counter() - start
-
-    def _apply_train_step(self):
-        """Sets the train step the model runs: the cache's or its own, with
-        the in-step sampler around it. The caller rebuilds the step."""
-        if "train_step" in vars(self.model):
-            del self.model.train_step
-        step = None if self._cache is None else self._cache.train_step
-        if self._in_step:
-            step = self._sampler.wrap_train_step(
-                step or self.model.train_step,
-                jit_compile=getattr(self.model, "jit_compile", False) is True,
-            )
-        if step is not None:
-            self.model.train_step = step
 
     # --------------------------------------------------------------- backup
     # Saving the state inside epochs too, where
@@ -936,8 +870,6 @@ class FreezingCallback(keras.callbacks.Callback):
         """Writes the state `fit` needs to resume at `next_epoch` with the
         model's current weights; `batch` is the batch of `next_epoch` it is
         saved after, or None at an epoch end."""
-        if self._in_step:
-            self._flush_snapshots()
         meta = {
             "format": BACKUP_FORMAT,
             "next_epoch": int(next_epoch),
@@ -1185,13 +1117,3 @@ class FreezingCallback(keras.callbacks.Callback):
             config["policy"]
         )
         return cls(**config)
-
-
-def _under_strategy(model):
-    """Whether `model` trains under a tf.distribute strategy."""
-    import tensorflow as tf
-
-    return (
-        getattr(model, "_distribute_strategy", None) is not None
-        or tf.distribute.has_strategy()
-    )

@@ -93,19 +93,9 @@ class WeightSampler:
             self._gather_all, jit_compile=False, autograph=False
         )
 
-    def _gather_all(self, xla=False):
-        # XLA has no kernel for the gather from a variable handle
-        # (ResourceGatherNd); there it gathers from the variable's value,
-        # which XLA reads in place.
+    def _gather_all(self):
         values = [
-            tf.cast(
-                tf.gather_nd(
-                    tf.convert_to_tensor(_resource(v)) if xla
-                    else _resource(v),
-                    idx,
-                ),
-                tf.float32,
-            )
+            tf.cast(tf.gather_nd(_resource(v), idx), tf.float32)
             for v, idx in zip(self._variables, self._indices)
         ]
         return tf.concat(values, axis=0)
@@ -115,100 +105,6 @@ class WeightSampler:
             return np.zeros((0, self.sample_size), np.float32)
         flat = self._gather().numpy()
         return flat.reshape(len(self.units), self.sample_size)
-
-    # ------------------------------------------------- inside the train step
-    # Called from Python between two steps, the gather costs 1.5-2.5 ms per
-    # snapshot on the suite's models (2 CPU cores), against 0.7-1 ms for the
-    # same gather in a loop: its dispatch and the weights' trip back into the
-    # cache after a step. Run inside the train step, right after the
-    # optimizer's update, it costs a fraction of a millisecond
-    # (`benchmarks/results/sampling_cost.md`): the step writes the sample
-    # into a staging buffer on the device, and Python reads the buffer once
-    # per stage.
-    def stage(self, capacity):
-        """Creates the staging buffer for `capacity` snapshots taken inside
-        the train step (see `wrap_train_step`).
-
-        Args:
-            capacity: snapshots the buffer holds between two `flush` calls.
-        """
-        import tensorflow as tf
-
-        if capacity < 1:
-            raise ValueError(f"`capacity` must be >= 1; received {capacity}.")
-        self.capacity = int(capacity)
-        width = len(self.units) * self.sample_size
-        # Plain TensorFlow variables: not the model's, never saved with it.
-        self._staged = tf.Variable(
-            tf.zeros((self.capacity, width), tf.float32), trainable=False,
-            name="smartfrz_staged_snapshots",
-        )
-        # Row of the buffer the next train step writes, -1 for none.
-        self._slot = tf.Variable(
-            -1, dtype=tf.int32, trainable=False, name="smartfrz_slot"
-        )
-        self.pending = 0
-
-    def wrap_train_step(self, train_step, jit_compile=False):
-        """`train_step` followed by the in-step snapshot, when one is due.
-
-        The returned function runs `train_step(data)`, then, if `request`
-        named a row, gathers the sample (after the step's weight update:
-        TensorFlow orders the reads after the writes of the same variables)
-        into that row and clears the request. A step with no request only
-        reads one integer. Pass the model's `jit_compile`: an XLA step
-        gathers differently.
-        """
-        import tensorflow as tf
-
-        def train_step_with_sampling(data):
-            logs = train_step(data)
-
-            def write():
-                self._staged.scatter_nd_update(
-                    tf.reshape(self._slot.read_value(), (1, 1)),
-                    self._gather_all(xla=bool(jit_compile))[None],
-                )
-                self._slot.assign(-1)
-                return tf.constant(True)
-
-            tf.cond(
-                self._slot.read_value() >= 0, write,
-                lambda: tf.constant(False),
-            )
-            return logs
-
-        return train_step_with_sampling
-
-    def request(self):
-        """Asks the next train step for a snapshot; `flush` first when the
-        buffer is full (`pending == capacity`)."""
-        if self.pending >= self.capacity:
-            raise RuntimeError(
-                "The staging buffer is full: flush it before requesting."
-            )
-        self._slot.assign(self.pending)
-        self.pending += 1
-
-    def flush(self):
-        """The snapshots written since the last flush, oldest first, as a
-        float32 array `(count, len(units), sample_size)`; empties the buffer.
-
-        A request whose step never ran (an epoch of unknown length ends
-        when the input runs out, after the last `on_train_batch_begin`) is
-        dropped.
-        """
-        count = self.pending
-        if count and int(self._slot.numpy()) >= 0:
-            count -= 1  # the last request was never served
-            self._slot.assign(-1)
-        self.pending = 0
-        if not count:
-            return np.zeros(
-                (0, len(self.units), self.sample_size), np.float32
-            )
-        rows = self._staged[:count].numpy()
-        return rows.reshape(count, len(self.units), self.sample_size)
 
 
 def _resource(variable):

@@ -325,11 +325,8 @@ class Recorder(keras.callbacks.Callback):
         self.seen = {}
         self.first = None
 
-    def on_epoch_begin(self, epoch, logs=None):
-        # After the restore (the callback's own on_epoch_begin, earlier in
-        # the list), before any step, and before the callback asks the
-        # first step for a snapshot (in its on_train_batch_begin).
-        if self.first is None:
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.first is None:  # after the restore, before any step
             self.first = snapshot(self.callback, self.model)
 
     def on_train_batch_end(self, batch, logs=None):
