@@ -3,19 +3,18 @@
 Side by side in one process, on the four models of the benchmark suite
 (`suite.py`, built as there, trained on random inputs of the same shapes):
 
-- *Sampling between steps* (how the engine sampled until 2026-12-02, and
-  still does under a tf.distribute strategy or with steps_per_execution > 1):
-  one call of the compiled gather (`WeightSampler()`) right after a train
-  step, as `on_train_batch_end` makes it.
-- *Sampling inside the train step* (the engine's default since): the same
-  gather folded into the train step, writing a staging buffer
-  (`WeightSampler.stage` / `wrap_train_step` / `request`). Its cost is the
-  extra time of a step that takes a snapshot over one that does not, plus
-  the Python `request` before it. What a step without a snapshot pays for
-  the wrapper is measured too.
+- *Sampling between steps* (how the engine samples): one call of the
+  compiled gather (`WeightSampler()`) right after a train step, as
+  `on_train_batch_end` makes it.
+- *Sampling inside the train step* (tried on 2026-12-02 and not adopted,
+  `InStepSampler` below): the same gather folded into the train step
+  behind a `tf.cond`, writing a staging buffer that Python reads once per
+  stage. Its cost is the extra time of a step that takes a snapshot over
+  one that does not, plus the Python request before it; what a step
+  without a snapshot pays for the `tf.cond` is measured too.
 - *The decision*: one call of `PredictorPolicy.decide` on a window of every
   candidate unit, with the predictor's sort done by NumPy in
-  `predictor_inputs` (now) and inside the model (before).
+  `predictor_inputs` (now) and inside the model (before 2026-12-02).
 
 Every quantity a difference or ratio compares is timed call by call in turn
 (A, B, C, A, B, C, ...) so that the machine's load drifts affect all alike;
@@ -57,6 +56,65 @@ RESULTS = suite.RESULTS
 SNAPSHOTS_PER_EPOCH = 30
 
 
+class InStepSampler(WeightSampler):
+    """`WeightSampler` whose gather can also run inside the train step.
+
+    `wrap_train_step(step)` returns `step` followed by a `tf.cond` that,
+    when `request()` named a row of the staging buffer, gathers the sample
+    (after the step's weight update: TensorFlow orders the reads after the
+    writes of the same variables) into that row. `flush()` returns the rows
+    written. Under XLA the gather reads the variables' values (XLA has no
+    kernel for ResourceGatherNd).
+    """
+
+    def stage(self, capacity):
+        width = len(self.units) * self.sample_size
+        self.capacity = int(capacity)
+        self._staged = tf.Variable(
+            tf.zeros((self.capacity, width), tf.float32), trainable=False
+        )
+        self._slot = tf.Variable(-1, dtype=tf.int32, trainable=False)
+        self.pending = 0
+
+    def _gather_values(self, xla):
+        if not xla:
+            return self._gather_all()
+        return tf.concat(
+            [
+                tf.cast(tf.gather_nd(tf.convert_to_tensor(v.value), i),
+                        tf.float32)
+                for v, i in zip(self._variables, self._indices)
+            ],
+            axis=0,
+        )
+
+    def wrap_train_step(self, train_step, jit_compile=False):
+        def train_step_with_sampling(data):
+            logs = train_step(data)
+
+            def write():
+                self._staged.scatter_nd_update(
+                    tf.reshape(self._slot.read_value(), (1, 1)),
+                    self._gather_values(jit_compile)[None],
+                )
+                self._slot.assign(-1)
+                return tf.constant(True)
+
+            tf.cond(self._slot.read_value() >= 0, write,
+                    lambda: tf.constant(False))
+            return logs
+
+        return train_step_with_sampling
+
+    def request(self):
+        self._slot.assign(self.pending)
+        self.pending += 1
+
+    def flush(self):
+        count, self.pending = self.pending, 0
+        return self._staged[:count].numpy()
+
+
 def random_batch(scenario, size, rng):
     """Random inputs and labels of the scenario's shapes, one batch."""
     batch = size.batch_size
@@ -90,7 +148,7 @@ def measure_model(scenario, size, calls, jit_compile, predictor):
         draw_sample_positions(u.num_params, 1024, 0, i)
         for i, u in enumerate(units)
     ]
-    sampler = WeightSampler(units, positions)
+    sampler = InStepSampler(units, positions)
     sampler.stage(SNAPSHOTS_PER_EPOCH)
 
     model.make_train_function(force=True)
@@ -169,46 +227,55 @@ def measure_model(scenario, size, calls, jit_compile, predictor):
 
     ms = {k: 1e3 * float(np.median(v)) for k, v in times.items() if v}
     cpu_ms = {k: 1e3 * float(np.median(v)) for k, v in cpu.items() if v}
-    steps = size.steps_per_epoch
-    per_snapshot_in_step = (
-        ms["wrapped_step_snapshot"] - ms["wrapped_step"] + ms["request"]
-        + ms.get("flush_per_snapshot", 0.0)
-    )
-    epoch_ms = steps * ms["plain_step"]
-    host_epoch = SNAPSHOTS_PER_EPOCH * ms["host_gather"]
-    in_step_epoch = (
-        SNAPSHOTS_PER_EPOCH * per_snapshot_in_step
-        + (steps - SNAPSHOTS_PER_EPOCH)
-        * (ms["wrapped_step"] - ms["plain_step"])
-    )
-    return {
+    row = {
         "units": len(units),
         "sampled_variables": len(sampler._variables),
         "jit_compile": jit_compile,
         "calls": calls,
+        "steps_per_epoch": size.steps_per_epoch,
         "median_ms": ms,
         "median_cpu_ms": cpu_ms,
+    }
+    row.update(derived(row))
+    return row
+
+
+def _in_step(ms):
+    return (
+        ms["wrapped_step_snapshot"] - ms["wrapped_step"] + ms["request"]
+        + ms.get("flush_per_snapshot", 0.0)
+    )
+
+
+def derived(row):
+    """Per-snapshot costs and shares of an epoch, from the raw medians."""
+    ms, cpu_ms = row["median_ms"], row["median_cpu_ms"]
+    steps = row["steps_per_epoch"]
+    epoch_ms = steps * ms["plain_step"]
+    wrapper = ms["wrapped_step"] - ms["plain_step"]
+    between = SNAPSHOTS_PER_EPOCH * ms["host_gather"]
+    in_step = (
+        SNAPSHOTS_PER_EPOCH * _in_step(ms)
+        + (steps - SNAPSHOTS_PER_EPOCH) * wrapper
+    )
+    return {
+        "per_snapshot_ms": {
+            "between_steps": ms["host_gather"], "in_step": _in_step(ms),
+        },
         "per_snapshot_cpu_ms": {
             "between_steps": cpu_ms["host_gather"],
-            "in_step": cpu_ms["wrapped_step_snapshot"]
-            - cpu_ms["wrapped_step"] + cpu_ms["request"]
-            + cpu_ms.get("flush_per_snapshot", 0.0),
+            "in_step": _in_step(cpu_ms),
         },
-        "per_snapshot_ms": {
-            "between_steps": ms["host_gather"],
-            "in_step": per_snapshot_in_step,
-        },
-        "wrapper_ms_per_step_without_snapshot": (
-            ms["wrapped_step"] - ms["plain_step"]
-        ),
-        "steps_per_epoch": steps,
+        "wrapper_ms_per_step_without_snapshot": wrapper,
         "epoch_share": {
-            "sampling_between_steps": host_epoch / epoch_ms,
-            "sampling_in_step": in_step_epoch / epoch_ms,
+            "sampling_between_steps": between / epoch_ms,
+            "sampling_in_step": in_step / epoch_ms,
             "decide_model_sort": ms["decide_model_sort"] / epoch_ms,
             "decide_numpy_sort": ms["decide_numpy_sort"] / epoch_ms,
-            "before": (host_epoch + ms["decide_model_sort"]) / epoch_ms,
-            "now": (in_step_epoch + ms["decide_numpy_sort"]) / epoch_ms,
+            "before": (between + ms["decide_model_sort"]) / epoch_ms,
+            "now": (between + ms["decide_numpy_sort"]) / epoch_ms,
+            "in_step_numpy_sort": (
+                in_step + ms["decide_numpy_sort"]) / epoch_ms,
         },
     }
 
@@ -235,11 +302,13 @@ def render(results):
         "the suite's steps per epoch at this run's median step time.",
         "",
         "| model | units (variables) | step ms | snapshot between steps ms "
-        "(CPU) | snapshot in step ms (CPU) | wrapper ms/step | decision ms: "
-        "sort in model / NumPy | epoch share before | epoch share now |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "(CPU) | snapshot in step ms (CPU) | tf.cond ms/step | decision ms: "
+        "sort in model / NumPy | epoch share before | epoch share now | "
+        "in step (not adopted) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in results["models"].items():
+        row.update(derived(row))
         ms = row["median_ms"]
         share = row["epoch_share"]
         lines.append(
@@ -252,13 +321,15 @@ def render(results):
             f"({row['per_snapshot_cpu_ms']['in_step']:.2f}) "
             f"| {row['wrapper_ms_per_step_without_snapshot']:+.2f} "
             f"| {ms['decide_model_sort']:.1f} / {ms['decide_numpy_sort']:.1f} "
-            f"| {100 * share['before']:.2f}% | {100 * share['now']:.2f}% |"
+            f"| {100 * share['before']:.2f}% | {100 * share['now']:.2f}% "
+            f"| {100 * share['in_step_numpy_sort']:.2f}% |"
         )
     lines += [
         "",
         "*Epoch share before* = 30 snapshots between steps + a decision "
-        "sorting inside the model; *now* = 30 snapshots in the step, the "
-        "wrapper on the other steps, and a decision sorting with NumPy.",
+        "sorting inside the model; *now* = 30 snapshots between steps + a "
+        "decision sorting with NumPy; *in step* = 30 snapshots in the step, "
+        "the tf.cond on the other steps, and a decision sorting with NumPy.",
         "",
     ]
     return "\n".join(lines)
@@ -269,7 +340,17 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--render", metavar="JSON",
+        help="only rewrite the .md of an earlier run's .json",
+    )
     args = parser.parse_args(argv)
+    if args.render:
+        results = json.loads(pathlib.Path(args.render).read_text())
+        text = render(results)
+        pathlib.Path(args.render).with_suffix(".md").write_text(text)
+        print(text)
+        return
     started = time.perf_counter()
     profile = "quick" if args.quick else "full"
     calls = 20 if args.quick else args.calls

@@ -251,6 +251,25 @@ def test_predictor_outputs_probabilities_per_window():
     np.testing.assert_allclose(weights.sum(axis=1), 1.0, rtol=1e-5)
 
 
+def test_inputs_come_sorted_and_the_model_reads_any_order_alike():
+    # predictor_inputs sorts each snapshot (NumPy); the model sorts what is
+    # not sorted yet, so shuffled, sorted and reversed windows score alike.
+    start, path = _trajectory(seed=4, units=5, steps=4, size=8)
+    inputs = predictor_inputs(start + path, np.arange(5), 6)
+    window = inputs["window"]
+    assert np.all(np.diff(window, axis=-1) >= 0)
+    np.testing.assert_array_equal(
+        window, np.sort(normalize_window(start + path), axis=-1))
+    predictor = _tiny_predictor()
+    want = keras.ops.convert_to_numpy(predictor(inputs))
+    rng = np.random.default_rng(0)
+    for other in (window[..., ::-1], rng.permuted(window, axis=-1)):
+        got = predictor({"window": np.ascontiguousarray(other),
+                         "features": inputs["features"]})
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(got), want, rtol=1e-6, atol=1e-7)
+
+
 def test_predictor_rejects_bad_arguments():
     with pytest.raises(ValueError, match="window_size=2"):
         FreezePredictor(window_size=2)
