@@ -624,11 +624,16 @@ class FreezingCallback(keras.callbacks.Callback):
         keep = [u not in units for u in self._active]
         self._active = [u for u, k in zip(self._active, keep) if k]
         if self._history is not None:
-            # The compiled sampler is kept: it still reads the frozen units
-            # (a few thousand values), whose rows are dropped here, rather
-            # than compiling a new gather at every stage (0.4-1.5 s each).
+            # The compiled sampler keeps reading the frozen units, whose
+            # rows are dropped here, until it reads at least twice the units
+            # still active: then a sampler of the active units replaces it.
+            # A snapshot's cost grows with the units read (1.5 ms for the
+            # suite's 35 ViT units, most of them frozen at the first stage)
+            # and so does the new sampler's trace, which is paid once.
             self._history.keep_units(keep)
             self._sample_rows = self._sample_rows[np.asarray(keep, bool)]
+            if 2 * len(self._active) <= len(self._sampler.units):
+                self._new_sampler(self._active)
         if self.verbose:
             print(
                 f"\nEpoch {epoch + 1}: {type(self).__name__} froze "
@@ -725,13 +730,18 @@ class FreezingCallback(keras.callbacks.Callback):
         )
 
     def _start_sampling(self):
-        self._sampler = WeightSampler(
-            self._active, [self._positions[u.name] for u in self._active]
-        )
-        self._sample_rows = np.arange(len(self._active))
+        self._new_sampler(self._active)
         self._history = SnapshotHistory(
             len(self._active), self.window_size, self.sample_size
         )
+
+    def _new_sampler(self, units):
+        """A compiled gather of `units` (the same positions as before, so
+        the history goes on seamlessly); its rows are the history's."""
+        self._sampler = WeightSampler(
+            units, [self._positions[u.name] for u in units]
+        )
+        self._sample_rows = np.arange(len(units))
 
     # --------------------------------------------------------------- backup
     # Saving the state inside epochs too, where
@@ -886,6 +896,10 @@ class FreezingCallback(keras.callbacks.Callback):
             "history_count": (
                 None if self._history is None else int(self._history._count)
             ),
+            "sampler_units": (
+                None if self._sampler is None
+                else [u.name for u in self._sampler.units]
+            ),
             "policy_state": self.policy.get_state(),
             "warned_nonfinite": sorted(self._warned_nonfinite),
         }
@@ -1032,6 +1046,10 @@ class FreezingCallback(keras.callbacks.Callback):
         self._step = int(meta["step"])
         self._warned_nonfinite = set(meta["warned_nonfinite"])
         if self._history is not None and "history" in arrays:
+            sampled = meta.get("sampler_units")
+            if sampled and sampled != [u.name for u in self._sampler.units]:
+                # The saved run had replaced its sampler (see `_freeze`).
+                self._new_sampler([by_name[name] for name in sampled])
             self._history._buffer = np.array(arrays["history"], np.float32)
             self._history._count = int(meta["history_count"])
             self._sample_rows = np.array(arrays["sample_rows"], np.int64)

@@ -397,14 +397,26 @@ def test_one_compiled_sampler_per_fit_and_frozen_rows_dropped(monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(engine, "WeightSampler", counting)
-    policy = ScriptedPolicy({0: ["d0"], 1: ["d1"]})
+    policy = ScriptedPolicy({0: ["d0"], 1: ["d1"], 2: ["d2"]})
     freezer = FreezingCallback(policy, window_size=4, sample_size=8)
-    fit(mlp(), [freezer], epochs=3)
-    assert built == [4]  # one gather for the whole fit, over all 4 units
-    assert freezer._sample_rows.tolist() == [2, 3]
-    # The history holds the active units only, and matches the weights.
+    fit(mlp(hidden=(16, 16, 16, 16, 16)), [freezer], epochs=2)
+    # One gather over all 6 units; after two freezes it still reads the
+    # frozen units (4 of 6 active, their rows dropped).
+    assert built == [6]
+    assert freezer._sample_rows.tolist() == [2, 3, 4, 5]
     window = freezer._history.window()
-    assert window.shape == (2, 4, 8)
+    assert window.shape == (4, 4, 8)
     np.testing.assert_array_equal(
-        window[:, -1], freezer._sampler()[[2, 3]]
-    )
+        window[:, -1], freezer._sampler()[[2, 3, 4, 5]])
+    # Once it reads at least twice the active units, a gather of the
+    # active ones replaces it, and the history goes on from the same
+    # sampled positions.
+    built.clear()
+    fit(mlp(hidden=(16, 16, 16, 16, 16)), [freezer], epochs=3)
+    assert built == [6, 3]  # 3 of 6 units active after the second stage
+    assert freezer._sample_rows.tolist() == [0, 1, 2]
+    assert [u.name for u in freezer._sampler.units] == [
+        "mlp/d3", "mlp/d4", "mlp/head"]
+    window = freezer._history.window()
+    assert window.shape == (3, 4, 8)
+    np.testing.assert_array_equal(window[:, -1], freezer._sampler())

@@ -89,6 +89,8 @@ def test_resumed_fit_matches_an_uninterrupted_one(tmp_path, freezer_first):
                                   reference._sample_rows)
     np.testing.assert_array_equal(resumed._history.window(),
                                   reference._history.window())
+    assert [u.name for u in resumed._sampler.units] == [
+        u.name for u in reference._sampler.units]
     assert vars(resumed._cadence) == vars(reference._cadence)
     assert resumed._step == reference._step
     for got, want in zip(weights(model), weights(reference_model)):
@@ -497,3 +499,45 @@ def test_workers_restoring_different_states_stop_with_an_error():
     callback._gather_from_workers = lambda row: np.array([row, [0, -1, -1, 0]])
     with pytest.raises(RuntimeError, match="restored different freezing"):
         callback._check_workers_agree(meta)
+
+
+class FreezeFrontHalf(keras_smartfrz.policies.FreezePolicy):
+    """Proposes the first three candidates at the first stage."""
+
+    def decide(self, stage):
+        propose = np.array([i < 3 for i in range(len(stage.unit_names))])
+        propose &= stage.num_frozen == 0
+        return propose.astype(np.float32), propose
+
+
+def test_a_resume_after_the_sampler_was_replaced_samples_the_same_units(
+    tmp_path,
+):
+    # Half the units freeze at the first stage: the callback replaces its
+    # sampler by one of the active units (see `_freeze`); a resumed fit
+    # must sample those units in those rows too.
+    def callback(backup_dir):
+        return FreezingCallback(FreezeFrontHalf(), window_size=4,
+                                sample_size=8, backup_dir=backup_dir)
+
+    keras.utils.set_random_seed(0)
+    reference = callback(str(tmp_path / "ref"))
+    run(deep(), [reference])
+    assert [u.name for u in reference._sampler.units] == [
+        "mlp/d3", "mlp/d4", "mlp/head"]
+
+    keras.utils.set_random_seed(0)
+    backup_dir = str(tmp_path / "backup")
+    with pytest.raises(RuntimeError, match="Interrupting"):
+        run(deep(), [callback(backup_dir),
+                     keras.callbacks.BackupAndRestore(backup_dir),
+                     Interrupt()])
+    resumed = callback(backup_dir)
+    run(deep(), [resumed, keras.callbacks.BackupAndRestore(backup_dir)])
+    assert [u.name for u in resumed._sampler.units] == [
+        "mlp/d3", "mlp/d4", "mlp/head"]
+    np.testing.assert_array_equal(resumed._sample_rows,
+                                  reference._sample_rows)
+    np.testing.assert_array_equal(resumed._history.window(),
+                                  reference._history.window())
+    assert resumed.frozen_units == reference.frozen_units
