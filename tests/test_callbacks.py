@@ -386,7 +386,7 @@ def test_stage_gives_each_candidate_its_position():
     assert second.num_units == 4
 
 
-def test_one_compiled_sampler_per_fit_and_frozen_rows_dropped(monkeypatch):
+def test_sampler_kept_until_half_its_units_are_frozen(monkeypatch):
     import keras_smartfrz.freezing_callback as engine
 
     built = []
