@@ -53,7 +53,14 @@ How it stays correct:
 The train step with the cache is the Keras TensorFlow trainer's step with
 `suffix(cached)` in place of `model(x)`; a model that overrides
 `train_step`, runs under a `tf.distribute` strategy, or whose epoch length
-is unknown is not cached (the reason is given).
+is unknown is not cached (the reason is given). The step is the model's
+only while `fit` runs: `on_train_end` takes it off. An exception that stops
+`fit` skips `on_train_end`; the next `fit` with a freezing callback then
+starts from the model's own step, and so does any `fit` after `compile()`
+(a stale cached step traced for a recompiled model hands over to the
+model's own). Until one of those, the stopped `fit`'s step stays; it is
+correct as long as nobody changes the frozen prefix's weights (it serves
+the outputs it cached), and it holds the cache's memory.
 """
 
 import contextlib
@@ -343,6 +350,34 @@ def between(model, start, end):
     return _submodel(model, start, end, name="smartfrz_between")
 
 
+def leftover_step(model):
+    """The `ActivationCache` whose step `model` still carries, or None.
+
+    `fit` skips `on_train_end` when an exception stops it, so the step a
+    cache installed can outlive the training it was made for.
+    """
+    step = vars(model).get("train_step")
+    owner = getattr(step, "__self__", None)
+    return owner if isinstance(owner, ActivationCache) else None
+
+
+def remove_leftover_step(model, reset_train_function=True):
+    """Takes a leftover cache step off `model`; True if there was one.
+
+    The cache's values are dropped and, with `reset_train_function`, the
+    model's train function too (the next `make_train_function` builds the
+    model's own step).
+    """
+    cache = leftover_step(model)
+    if cache is None:
+        return False
+    del model.train_step
+    cache.release()
+    if reset_train_function:
+        model.train_function = None
+    return True
+
+
 def example_bytes(tensor):
     return int(np.prod(tensor.shape[1:])) * np.dtype(tensor.dtype).itemsize
 
@@ -468,6 +503,13 @@ class ActivationCache:
     def train_step(self, data):
         """The model's train step, with the prefix read from the cache."""
         model = self.model
+        if not self.installed_on(model):
+            # Traced for a model this cache no longer serves: `fit` was
+            # interrupted by an exception (its `on_train_end` never ran to
+            # take this step off), then the model was compiled again. The
+            # model gets its own step back.
+            remove_leftover_step(model, reset_train_function=False)
+            return model.train_step(data)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         keys = self._keys(x)
         filling = self._is_filling.read_value()
@@ -505,6 +547,24 @@ class ActivationCache:
             gradients = tape.gradient(loss, trainable_weights)
             model.optimizer.apply_gradients(zip(gradients, trainable_weights))
         return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def install(self):
+        """Makes this cache's step the model's train step (the caller
+        rebuilds the train function)."""
+        self.model.train_step = self.train_step
+        # `compile()` makes a new loss tracker: a step traced after it
+        # belongs to a new training set-up, not to this cache's `fit`.
+        self._compiled_tracker = self.model._loss_tracker
+
+    def installed_on(self, model):
+        """Whether this cache is `model`'s step in the training it was
+        installed for (not released, and `model` not compiled since)."""
+        return (
+            not self.released
+            and model is self.model
+            and getattr(self, "_compiled_tracker", None) is not None
+            and model._loss_tracker is self._compiled_tracker
+        )
 
     # ------------------------------------------------------------- deriving
     def derive(self, cut, batch_size=256):

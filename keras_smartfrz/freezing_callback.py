@@ -353,6 +353,11 @@ class FreezingCallback(keras.callbacks.Callback):
     # ------------------------------------------------------------------ fit
     def on_train_begin(self, logs=None):
         self._reset_state()
+        if caching.remove_leftover_step(self.model):
+            # An earlier `fit` with activation caching ended in an
+            # exception and left its cached step on the model: this `fit`
+            # trains with the model's own step.
+            self.model.make_train_function(force=True)
         self.policy.reset()
         if self.min_epochs == "auto":
             self._min_epochs = auto_min_epochs(
@@ -664,7 +669,7 @@ class FreezingCallback(keras.callbacks.Callback):
             if reason not in (None, "fit ended"):
                 self._warn_cache(reason)
         else:
-            self.model.train_step = cache.train_step
+            cache.install()
             self.cache_info.update(
                 status="filling" if cache.filling else "active",
                 reason=None, cut=cache.layer.name, bytes=cache.nbytes,

@@ -135,6 +135,85 @@ def test_cache_hit_skips_the_prefix(plan, cuts):
     assert int(calls.numpy()) > 0
 
 
+
+class _Interrupt(Exception):
+    pass
+
+
+def _counting_model():
+    """d0 -> d1 -> head behind a layer that counts its calls in the graph."""
+    calls = tf.Variable(0, dtype=tf.int64, trainable=False)
+
+    class Counting(keras.layers.Layer):
+        def call(self, inputs):
+            calls.assign_add(1)
+            return inputs
+
+    inputs = keras.Input((6,))
+    h = Counting(name="count")(inputs)
+    h = keras.layers.Dense(8, activation="relu", name="d0")(h)
+    h = keras.layers.Dense(8, activation="relu", name="d1")(h)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="head")(h))
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(True))
+    return model, calls
+
+
+def _interrupted_cached_fit():
+    """A cached `fit` that an exception stops at epoch 3, its cache serving
+    (on_train_end never runs)."""
+    keras.utils.set_random_seed(0)
+    model, calls = _counting_model()
+    x, y = toy_data(64)
+
+    class Stop(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 3:
+                raise _Interrupt()
+
+    freezer = _freezer({0: ["d0", "d1"]})
+    with pytest.raises(_Interrupt):
+        model.fit(x, y, batch_size=16, epochs=5, verbose=0,
+                  callbacks=[freezer, Stop()])
+    assert freezer.cache_info["hits"] == [4]
+    # The state an exception leaves: the cache's step is still the model's.
+    assert caching.leftover_step(model) is not None
+    return model, calls, x, y
+
+
+def _prefix_calls_per_epoch(model, calls, x, y, epochs, callbacks=()):
+    counts = []
+
+    class Count(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            counts.append(int(calls.numpy()))
+            calls.assign(0)
+
+    calls.assign(0)
+    model.fit(x, y, batch_size=16, epochs=epochs, verbose=0,
+              callbacks=[*callbacks, Count()])
+    return counts
+
+
+def test_next_fit_with_a_freezing_callback_drops_a_leftover_cached_step():
+    model, calls, x, y = _interrupted_cached_fit()
+    # Nothing freezes in this fit and it does not cache: every step runs
+    # the prefix (the leftover step would read the cache: 0 calls).
+    freezer = FreezingCallback(ScriptedPolicy({}))
+    assert _prefix_calls_per_epoch(model, calls, x, y, 2, [freezer]) == [4, 4]
+    assert "train_step" not in vars(model)
+
+
+def test_recompiling_after_an_interrupted_cached_fit_restores_the_own_step():
+    model, calls, x, y = _interrupted_cached_fit()
+    for layer in model.layers:
+        layer.trainable = True
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(True))
+    before = model.get_layer("d0").kernel.numpy().copy()
+    # A plain fit, no callback of ours: the model's own step, whole model.
+    assert _prefix_calls_per_epoch(model, calls, x, y, 1) == [4]
+    assert "train_step" not in vars(model)
+    assert not np.array_equal(before, model.get_layer("d0").kernel.numpy())
+
 def _augmenting_dataset():
     """Toy batches with fresh noise every epoch. A generator's state advances
     across epochs (a seeded tf.random op in `map` would replay the same noise
