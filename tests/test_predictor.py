@@ -1,4 +1,6 @@
+import copy
 import json
+import pickle
 
 import keras
 import numpy as np
@@ -412,18 +414,91 @@ def test_policy_scores_are_the_predictor_on_normalised_windows():
     np.testing.assert_array_equal(freeze, expected >= 0.5)
 
 
+class CountingPredictor(FreezePredictor):
+    """Counts the Python runs of its `call`: one per eager call, one per
+    trace when it runs inside a `tf.function`."""
+
+    calls = 0
+
+    def call(self, inputs, training=None):
+        CountingPredictor.calls += 1
+        return super().call(inputs, training=training)
+
+
 def test_policy_predicts_all_units_in_one_call():
-    class CountingPredictor(FreezePredictor):
-        batches = []
+    policy = PredictorPolicy(CountingPredictor(**TINY))
+    batches = []
+    predict = policy._predict
+    policy._predict = lambda inputs: (
+        batches.append(len(inputs["window"])) or predict(inputs)
+    )
+    CountingPredictor.calls = 0
+    policy.decide(_stage(np.random.rand(5, 4, 8)))
+    assert batches == [5] and CountingPredictor.calls == 1
 
-        def call(self, inputs, training=None):
-            CountingPredictor.batches.append(int(inputs["window"].shape[0]))
-            return super().call(inputs, training=training)
 
+def _compiled_only():
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("the predictor is compiled on TensorFlow only")
+
+
+def test_policy_compiled_call_matches_the_model_and_traces_once():
+    _compiled_only()
     predictor = CountingPredictor(**TINY)
-    CountingPredictor.batches.clear()
-    PredictorPolicy(predictor).decide(_stage(np.random.rand(5, 4, 8)))
-    assert CountingPredictor.batches == [5]
+    policy = PredictorPolicy(predictor)
+    rng = np.random.default_rng(10)
+    CountingPredictor.calls = 0
+    for units in (5, 1, 17):
+        stage = _stage(rng.normal(size=(units, 4, 8)))
+        scores, _ = policy.decide(stage)
+        traced_calls = CountingPredictor.calls
+        expected = keras.ops.convert_to_numpy(
+            predictor(
+                predictor_inputs(stage.window, stage.positions(),
+                                 stage.num_units),
+                training=False,
+            )
+        ).reshape(-1)
+        CountingPredictor.calls = traced_calls
+        assert scores.shape == (units,)
+        np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-6)
+    # One trace for the three unit counts: the model's Python `call` ran
+    # once (an eager call would run it on every decision).
+    assert CountingPredictor.calls == 1
+    assert policy._compiled[1].experimental_get_tracing_count() == 1
+
+
+def test_policy_compiled_call_reads_the_current_weights():
+    _compiled_only()
+    predictor = _tiny_predictor(bias=-10.0)
+    policy = PredictorPolicy(predictor)
+    window = np.random.default_rng(11).normal(size=(3, 4, 8))
+    assert np.all(policy.decide(_stage(window))[0] < 0.01)
+    head = predictor.classifier.layers[-1]
+    head.bias.assign(np.full(head.bias.shape, 10.0, "float32"))
+    assert np.all(policy.decide(_stage(window))[0] > 0.99)
+    keras.backend.clear_session()  # what a new `fit` may follow
+    assert np.all(policy.decide(_stage(window))[0] > 0.99)
+    assert policy._compiled[1].experimental_get_tracing_count() == 1
+    # Another predictor object gets its own trace.
+    policy.predictor = _tiny_predictor(bias=-10.0)
+    assert np.all(policy.decide(_stage(window))[0] < 0.01)
+    assert policy._compiled[0] is policy.predictor
+
+
+@pytest.mark.parametrize(
+    "duplicate",
+    [copy.deepcopy, copy.copy, lambda p: pickle.loads(pickle.dumps(p))],
+    ids=["deepcopy", "copy", "pickle"],
+)
+def test_policy_copies_after_a_decision(duplicate):
+    policy = PredictorPolicy(_tiny_predictor())
+    window = np.random.default_rng(12).normal(size=(3, 4, 8))
+    scores = policy.decide(_stage(window))[0]
+    twin = duplicate(policy)
+    assert twin.freeze_threshold == policy.freeze_threshold
+    np.testing.assert_allclose(twin.decide(_stage(window))[0], scores,
+                               rtol=0, atol=1e-6)
 
 
 def test_policy_waits_for_a_full_window():
