@@ -192,12 +192,19 @@ def _graph_untouched(model):
             found.setdefault(id(operation), operation)
     layers = list(found.values())
     sizes = [(len(l._inbound_nodes), len(l._outbound_nodes)) for l in layers]
+    # A node made over an existing tensor (an input of the model passed on
+    # as an input of the sub-model) re-points that tensor's history at it.
+    histories = [(t, t._keras_history) for l in layers
+                 for node in l._inbound_nodes for t in node.output_tensors
+                 if getattr(t, "_keras_history", None) is not None]
     try:
         yield
     finally:
         for layer, (inbound, outbound) in zip(layers, sizes):
             del layer._inbound_nodes[inbound:]
             del layer._outbound_nodes[outbound:]
+        for tensor, history in histories:
+            tensor._keras_history = history
 
 
 def _unsafe_upstream(tensors):
@@ -231,71 +238,128 @@ def _submodel(model, inputs, outputs, name=None):
             return None
 
 
-def _cuts_in(model, graph, wrap_prefix, wrap_suffix):
-    """Cuts inside `graph`, deepest first, as `(layer, tensor, prefix,
-    suffix)`, then `(None, reason)` for each tensor refused on the way.
+def _nodes_in_order(graph):
+    """`graph`'s nodes (one per call of an operation), inputs first: every
+    node comes after the nodes that produce its inputs."""
+    by_depth = graph._nodes_by_depth
+    return [node for depth in sorted(by_depth, reverse=True)
+            for node in by_depth[depth]]
 
-    A cut is computed by safe layers only, and every path from `graph`'s
-    inputs to its outputs goes through it. `wrap_prefix` and `wrap_suffix`
-    turn a prefix starting at `graph`'s inputs and a suffix ending at its
-    outputs into ones starting and ending at the model's (the identity for
-    the model's own graph; see `_nested_cuts`).
+
+def _frontier(nodes, index, outputs):
+    """The tensors a cut after `nodes[index]` holds: produced by an input
+    or by `nodes[:index + 1]`, and read by a later node or an output."""
+    produced, order = {}, []
+    for position, node in enumerate(nodes):
+        if position <= index or isinstance(node.operation,
+                                           keras.layers.InputLayer):
+            for tensor in node.output_tensors:
+                if id(tensor) not in produced:
+                    produced[id(tensor)] = tensor
+                    order.append(id(tensor))
+    needed = set(outputs)
+    for node in nodes[index + 1:]:
+        needed.update(id(t) for t in keras.tree.flatten(node.input_tensors))
+    return [produced[i] for i in order if i in needed]
+
+
+def _is_input(tensor):
+    return isinstance(tensor._keras_history.operation, keras.layers.InputLayer)
+
+
+def _cuts_in(model, graph, wrap_prefix, wrap_suffix, most=None):
+    """Cuts inside `graph`, deepest first, as `(layer, tensors, prefix,
+    suffix)`, then `(None, reason)` for a place refused on the way.
+
+    A cut is the set of tensors that cross from the nodes before a place in
+    `graph`'s topological order to the nodes after it (one tensor in a
+    plain chain; the hidden states and the padding mask in a BERT-style
+    encoder), where every node before it is safe. `wrap_prefix` and
+    `wrap_suffix` turn a prefix starting at `graph`'s inputs and a suffix
+    ending at its outputs into ones starting and ending at the model's (the
+    identity for the model's own graph; see `_nested_cuts`). With `most`,
+    only cuts of at most that many tensors besides the graph's inputs.
     """
-    outputs = {id(t) for t in keras.tree.flatten(graph.outputs)}
-    # Operations, not only layers: a cut may be a `keras.ops` call's output.
-    for layer in reversed(graph.operations):
-        if isinstance(layer, keras.layers.InputLayer):
-            continue
-        if len(layer._inbound_nodes) != 1:
-            continue  # a shared layer: its outputs are not one tensor
-        # The node's tensor, in this graph (a nested model's `output` is
-        # the one of its own graph).
-        tensors = layer._inbound_nodes[0].output_tensors
-        if len(tensors) != 1 or not isinstance(tensors[0], keras.KerasTensor):
-            continue
-        tensor = tensors[0]
-        if id(tensor) in outputs:
-            continue
-        reason, upstream = _unsafe_upstream(tensor)
+    nodes = _nodes_in_order(graph)
+    outputs = [id(t) for t in keras.tree.flatten(graph.outputs)]
+    first_unsafe, reason = len(nodes), None
+    for position, node in enumerate(nodes):
+        reason = _unsafe_reason(node.operation)
         if reason is not None:
-            yield None, reason
-            if _is_functional(layer):
-                # A nested model (a keras-hub backbone in its task model),
-                # called once with one output (checked above), frozen only
-                # in part: the cut may be inside it.
-                yield from _nested_cuts(model, graph, layer, wrap_prefix,
-                                        wrap_suffix)
+            first_unsafe = position
+            break
+    if reason is not None:
+        yield None, reason
+    if first_unsafe < len(nodes) and _is_functional(
+        nodes[first_unsafe].operation
+    ):
+        # A nested model (a keras-hub backbone in its task model), frozen
+        # only in part: the cut may be inside it.
+        yield from _nested_cuts(model, graph, nodes, first_unsafe,
+                                wrap_prefix, wrap_suffix, most)
+    seen = set()
+    for index in range(first_unsafe - 1, -1, -1):
+        node = nodes[index]
+        if isinstance(node.operation, keras.layers.InputLayer):
             continue
-        if not any(getattr(sub, "weights", None) for sub in upstream):
+        tensors = _frontier(nodes, index, outputs)
+        key = tuple(id(t) for t in tensors)
+        if key in seen:
+            continue
+        seen.add(key)
+        if not any(getattr(n.operation, "weights", None)
+                   for n in nodes[:index + 1]):
             return  # only weightless layers before: nothing worth caching
-        if any(d is None for d in tensor.shape[1:]):
-            yield None, (f"the output of '{layer.name}' has an unknown "
-                         f"shape {tensor.shape}")
+        if all(id(t) in outputs for t in tensors) or not all(
+            isinstance(t, keras.KerasTensor) for t in tensors
+        ):
+            continue  # nothing after the cut
+        inner = sum(not _is_input(t) for t in tensors)
+        if inner == 0:
+            continue  # the inputs themselves
+        if most is not None and inner > most:
             continue
-        suffix = _submodel(model, tensor, _output_structure(graph),
+        starts = tensors[0] if len(tensors) == 1 else tensors
+        suffix = _submodel(model, starts, _output_structure(graph),
                            "smartfrz_suffix")
         if suffix is None:
-            continue  # another path from the inputs bypasses this tensor
-        prefix = _submodel(model, graph.input, tensor, "smartfrz_prefix")
-        yield layer, tensor, wrap_prefix(prefix), wrap_suffix(suffix)
+            continue
+        prefix = _submodel(model, graph.input, starts, "smartfrz_prefix")
+        if prefix is None:
+            continue
+        yield (node.operation, tensors, wrap_prefix(prefix),
+               wrap_suffix(suffix))
 
 
-def _nested_cuts(model, graph, layer, wrap_prefix, wrap_suffix):
-    """Cuts inside the nested Functional model `layer` of `graph`: only
-    when what feeds it is safe and its output is a cut of `graph`."""
-    node = layer._inbound_nodes[0]
+def _nested_cuts(model, graph, nodes, index, wrap_prefix, wrap_suffix,
+                 most):
+    """Cuts inside the nested Functional model called at `nodes[index]`
+    of `graph`: only when what feeds it is safe and every tensor that
+    crosses that node to the rest of `graph` is one of its outputs."""
+    node = nodes[index]
+    layer = node.operation
+    if len(layer._inbound_nodes) != 1:
+        return  # a model called twice: its layers are shared
     if _unsafe_upstream(node.input_tensors)[0] is not None:
         return
-    outer_suffix = _submodel(model, node.output_tensors[0],
+    outer = _frontier(nodes, index, [id(t) for t in
+                                     keras.tree.flatten(graph.outputs)])
+    produced = [id(t) for t in node.output_tensors]
+    if not outer or any(id(t) not in produced for t in outer):
+        return  # a path to the outputs bypasses the nested model
+    picks = [produced.index(id(t)) for t in outer]
+    outer_suffix = _submodel(model, outer[0] if len(outer) == 1 else outer,
                              _output_structure(graph))
     if outer_suffix is None:
-        return  # a path to the outputs bypasses the nested model
+        return
     feeds = node.arguments.args[0]
     graph_inputs = {id(t) for t in keras.tree.flatten(graph.inputs)}
     if all(id(t) in graph_inputs for t in keras.tree.flatten(feeds)):
         outer_prefix = None  # the nested model reads the inputs as they are
     else:
         outer_prefix = _submodel(model, graph.input, feeds)
+        if outer_prefix is None:
+            return
 
     def prefix_from_graph(prefix):
         if outer_prefix is not None:
@@ -306,48 +370,65 @@ def _nested_cuts(model, graph, layer, wrap_prefix, wrap_suffix):
         return wrap_prefix(prefix)
 
     def suffix_to_graph(suffix):
-        start = keras.Input(suffix.input.shape[1:], dtype=suffix.input.dtype)
+        # `suffix` ends at the nested model's outputs; the outer graph reads
+        # those of them at `picks`.
+        starts = [keras.Input(t.shape[1:], dtype=t.dtype)
+                  for t in keras.tree.flatten(suffix.inputs)]
+        starts = starts[0] if len(starts) == 1 else starts
         with _graph_untouched(model):
-            suffix = keras.Model(start, outer_suffix(suffix(start)),
-                                 name="smartfrz_suffix")
+            ends = keras.tree.flatten(suffix(starts))
+            ends = [ends[i] for i in picks]
+            suffix = keras.Model(
+                starts, outer_suffix(ends[0] if len(ends) == 1 else ends),
+                name="smartfrz_suffix")
         return wrap_suffix(suffix)
 
-    yield from _cuts_in(model, layer, prefix_from_graph, suffix_to_graph)
+    yield from _cuts_in(model, layer, prefix_from_graph, suffix_to_graph,
+                        most)
 
 
 def find_cut(model):
-    """The deepest tensor a frozen, deterministic prefix ends at.
+    """The deepest place a frozen, deterministic prefix can be cut off.
 
     Looks inside a nested Functional model too (a keras-hub backbone inside
-    its task model) when the nested model's output is itself a cut.
+    its task model) when what the rest of the model reads from it are its
+    outputs.
 
-    Returns `(layer, tensor, prefix, suffix)`, where `prefix` maps the model's
-    inputs to `tensor` and `suffix` maps `tensor` to the model's outputs (both
-    Functional models over the model's own layers), or raises `CacheRefused`.
+    The deepest cut that one computed tensor crosses (beside inputs the rest
+    of the model reads as they are, such as a padding mask) is preferred;
+    where there is none, the deepest cut that several tensors cross (each
+    is cached; a deeper cut across a side branch would cache that branch's
+    tensor too for the sake of a few cheap layers).
+
+    Returns `(layer, tensors, prefix, suffix)`: `tensors` (a list) cross the
+    cut, `layer` is the last operation before it, `prefix` maps the model's
+    inputs to `tensors` and `suffix` maps `tensors` (one tensor, or a list)
+    to the model's outputs (both Functional models over the model's own
+    layers); or raises `CacheRefused`.
     """
     graph = _functional_graph(model)
     if graph is None:
         raise CacheRefused(static_refusal(model))
     first_reason = None
-    for found in _cuts_in(model, graph, lambda p: p, lambda s: s):
-        if found[0] is None:
-            first_reason = first_reason or found[1]
-            continue
-        return found
+    for most in (1, None):
+        for found in _cuts_in(model, graph, lambda p: p, lambda s: s, most):
+            if found[0] is None:
+                first_reason = first_reason or found[1]
+                continue
+            return found
     raise CacheRefused(
-        "no frozen prefix of the model ends at a single tensor that every "
-        "path to the outputs goes through"
+        "no frozen, deterministic front of the model can be cut off"
         + (f" ({first_reason})" if first_reason else "")
     )
 
 
 def between(model, start, end):
-    """A Functional model from cut tensor `start` to the deeper cut `end`.
-
-    Built over the model's own layers; None when `end` also depends on the
-    inputs by a path that bypasses `start`.
-    """
-    return _submodel(model, start, end, name="smartfrz_between")
+    """A Functional model from the cut `start` (a list of tensors) to the
+    deeper cut `end`, over the model's own layers; None when `end` also
+    depends on the inputs by a path that bypasses `start`."""
+    return _submodel(model, start[0] if len(start) == 1 else start,
+                     end[0] if len(end) == 1 else end,
+                     name="smartfrz_between")
 
 
 def leftover_step(model):
@@ -378,8 +459,15 @@ def remove_leftover_step(model, reset_train_function=True):
     return True
 
 
-def example_bytes(tensor):
-    return int(np.prod(tensor.shape[1:])) * np.dtype(tensor.dtype).itemsize
+def example_bytes(tensors, shapes=None):
+    """Bytes one example takes at a cut (its `tensors`, or `shapes` of
+    their dtypes); None when a shape is not known yet."""
+    tensors = keras.tree.flatten(tensors)
+    shapes = shapes or [tuple(t.shape[1:]) for t in tensors]
+    if any(None in shape for shape in shapes):
+        return None
+    return sum(int(np.prod(shape)) * np.dtype(t.dtype).itemsize
+               for t, shape in zip(tensors, shapes))
 
 
 class ActivationCache:
@@ -388,29 +476,42 @@ class ActivationCache:
     Made by `FreezingCallback(cache_activations=True)`; see the module
     docstring for what it does and when it refuses.
 
+    A cut's tensors whose shape is not known from the model alone (the
+    hidden states of a text model built for any sequence length) get their
+    storage when the train step is first traced: the data's static shapes
+    tell their size then. If that is over `budget_bytes`, or still unknown
+    (batches of varying length), the step runs the prefix as usual and
+    `end_epoch` returns the reason.
+
     Args:
         model: the model being trained.
-        cut: `(layer, tensor, prefix, suffix)` from `find_cut`.
+        cut: `(layer, tensors, prefix, suffix)` from `find_cut`.
         capacity: examples per epoch (the cache holds one epoch's worth).
         seed: seed of the input hash.
+        budget_bytes: the most the cached values may take, or None.
+        shapes: the cut's per-example shapes where the tensors leave some
+            unknown (known from a cache it is derived from), or None.
     """
 
-    def __init__(self, model, cut, capacity, seed=0):
+    def __init__(self, model, cut, capacity, seed=0, budget_bytes=None,
+                 shapes=None):
         self.model = model
-        self.layer, self.tensor, self.prefix, self.suffix = cut
-        tensor = self.tensor
+        self.layer, tensors, self.prefix, self.suffix = cut
+        self.tensors = list(keras.tree.flatten(tensors))
         self.capacity = int(capacity)
         self.seed = seed
+        self.budget_bytes = budget_bytes
         self.derived_from = None
-        self.nbytes = self.capacity * example_bytes(tensor)
         self.filling = True
         self.released = False
+        self.refusal = None
         self.hits = []
         self.misses = []
-        shape = (self.capacity,) + tuple(tensor.shape[1:])
-        self._values = tf.Variable(
-            tf.zeros(shape, tensor.dtype), trainable=False, name="cache"
-        )
+        self.nbytes = None
+        self._values = None
+        shapes = shapes or [tuple(t.shape[1:]) for t in self.tensors]
+        if example_bytes(self.tensors, shapes) is not None:
+            self._allocate(shapes)
         self._fill_keys = tf.Variable(
             tf.zeros((self.capacity,), tf.int64), trainable=False
         )
@@ -437,6 +538,40 @@ class ActivationCache:
         self._multipliers = tf.constant(
             rng.integers(-(2**62), 2**62, size=(2, width), dtype=np.int64) | 1
         )
+
+    def _allocate(self, shapes):
+        """Creates the storage for per-example `shapes` (eagerly, also when
+        called while the train step is traced), unless over the budget."""
+        self.shapes = [tuple(int(d) for d in shape) for shape in shapes]
+        self.nbytes = self.capacity * example_bytes(self.tensors, self.shapes)
+        if self.budget_bytes is not None and self.nbytes > self.budget_bytes:
+            self.refusal = (
+                f"caching the output of '{self.layer.name}' for "
+                f"{self.capacity} examples needs {self.nbytes} bytes, over "
+                f"cache_budget_bytes={self.budget_bytes}"
+            )
+            return
+        with tf.init_scope():
+            self._values = [
+                tf.Variable(tf.zeros((self.capacity,) + shape, t.dtype),
+                            trainable=False, name="cache")
+                for t, shape in zip(self.tensors, self.shapes)
+            ]
+
+    def _allocate_for(self, x):
+        """At trace time: storage sized by the static shapes of `x`."""
+        spec = keras.tree.map_structure(
+            lambda t: keras.KerasTensor(t.shape, t.dtype), x)
+        outputs = keras.tree.flatten(self.prefix.compute_output_spec(spec))
+        shapes = [tuple(t.shape[1:]) for t in outputs]
+        if any(None in shape for shape in shapes):
+            self.refusal = (
+                f"the output of '{self.layer.name}' has an unknown shape "
+                f"{[t.shape for t in outputs]} in the data (batches of "
+                "varying length?)"
+            )
+            return
+        self._allocate(shapes)
 
     # ------------------------------------------------------------- in graph
     def _keys(self, x):
@@ -489,7 +624,8 @@ class ActivationCache:
 
         def write():
             slots = start + tf.range(count)
-            self._values.scatter_update(tf.IndexedSlices(values, slots))
+            for variable, value in zip(self._values, values):
+                variable.scatter_update(tf.IndexedSlices(value, slots))
             self._fill_keys.scatter_update(tf.IndexedSlices(keys, slots))
             self._count.assign_add(count)
             return tf.constant(True)
@@ -511,35 +647,49 @@ class ActivationCache:
             remove_leftover_step(model, reset_train_function=False)
             return model.train_step(data)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        keys = self._keys(x)
-        filling = self._is_filling.read_value()
-        found, slots = self._lookup(keys)
-        hit = tf.logical_and(tf.logical_not(filling), found)
-        cut = tf.cond(
-            hit,
-            lambda: tf.gather(self._values, slots),
-            lambda: tf.cast(self.prefix(x, training=True), self._values.dtype),
-        )
-        tf.cond(
-            filling,
-            lambda: self._store(keys, cut),
-            lambda: tf.constant(False),
-        )
-        self._hits.assign_add(tf.cast(hit, tf.int64))
-        self._misses.assign_add(
-            tf.cast(tf.logical_and(tf.logical_not(filling),
-                                   tf.logical_not(hit)), tf.int64)
-        )
-        cut = tf.stop_gradient(cut)
+        if self._values is None and self.refusal is None:
+            self._allocate_for(x)
+
+        def computed():
+            return [tf.cast(t, v.dtype) for t, v in zip(
+                keras.tree.flatten(self.prefix(x, training=True)),
+                self.tensors)]
+
+        if self._values is None:
+            # No storage (see `refusal`): the prefix runs at every step, and
+            # `end_epoch` turns the cache off.
+            cut = computed()
+            batch = tf.shape(keras.tree.flatten(x)[0])[0]
+        else:
+            keys = self._keys(x)
+            batch = tf.shape(keys)[0]
+            filling = self._is_filling.read_value()
+            found, slots = self._lookup(keys)
+            hit = tf.logical_and(tf.logical_not(filling), found)
+            cut = tf.nest.flatten(tf.cond(
+                hit,
+                lambda: tuple(tf.gather(v, slots) for v in self._values),
+                lambda: tuple(computed()),
+            ))
+            tf.cond(
+                filling,
+                lambda: self._store(keys, cut),
+                lambda: tf.constant(False),
+            )
+            self._hits.assign_add(tf.cast(hit, tf.int64))
+            self._misses.assign_add(
+                tf.cast(tf.logical_and(tf.logical_not(filling),
+                                       tf.logical_not(hit)), tf.int64)
+            )
+        cut = [tf.stop_gradient(t) for t in cut]
         with tf.GradientTape() as tape:
-            y_pred = self.suffix(cut, training=True)
+            y_pred = self.suffix(cut[0] if len(cut) == 1 else cut,
+                                 training=True)
             loss = model._compute_loss(
                 x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
                 training=True,
             )
-            model._loss_tracker.update_state(
-                loss, sample_weight=tf.shape(keys)[0]
-            )
+            model._loss_tracker.update_state(loss, sample_weight=batch)
             if model.optimizer is not None:
                 loss = model.optimizer.scale_loss(loss)
         trainable_weights = model.trainable_weights
@@ -567,32 +717,44 @@ class ActivationCache:
         )
 
     # ------------------------------------------------------------- deriving
-    def derive(self, cut, batch_size=256):
+    def derive(self, cut, budget_bytes=None, batch_size=256):
         """A complete cache for the deeper `cut`, computed from this one.
 
         The layers between this cache's cut and `cut` run over the cached
         values (forward only, `training=True` as in the train step, frozen
         and deterministic like the rest of the prefix), `batch_size` examples
         per call of one compiled function; the keys and their order are
-        shared. Returns None when `cut` does not go through this cache's cut
-        or this cache is still filling or released.
+        shared. Returns None when `cut` does not go through this cache's cut,
+        this cache is still filling or released, or the new cache would
+        take more than `budget_bytes`.
         """
-        if self.filling or self.released:
+        if self.filling or self.released or self._values is None:
             return None
-        middle = between(self.model, self.tensor, cut[1])
+        middle = between(self.model, self.tensors, cut[1])
         if middle is None:
             return None
-        child = ActivationCache(self.model, cut, self.capacity, seed=self.seed)
+        specs = [keras.KerasTensor((None,) + shape, t.dtype)
+                 for t, shape in zip(self.tensors, self.shapes)]
+        shapes = [tuple(t.shape[1:]) for t in keras.tree.flatten(
+            middle.compute_output_spec(specs[0] if len(specs) == 1
+                                       else specs))]
+        child = ActivationCache(self.model, cut, self.capacity,
+                                seed=self.seed, budget_bytes=budget_bytes,
+                                shapes=shapes)
+        if child._values is None:
+            return None  # over the budget
         count = int(self._count.numpy())
         source, target = self._values, child._values
 
         @tf.function(autograph=False, reduce_retracing=True)
         def compute(start):
             slots = tf.range(start, tf.minimum(start + batch_size, count))
-            values = middle(tf.gather(source, slots), training=True)
-            target.scatter_update(
-                tf.IndexedSlices(tf.cast(values, target.dtype), slots)
-            )
+            inputs = [tf.gather(v, slots) for v in source]
+            values = keras.tree.flatten(middle(
+                inputs[0] if len(inputs) == 1 else inputs, training=True))
+            for variable, value in zip(target, values):
+                variable.scatter_update(
+                    tf.IndexedSlices(tf.cast(value, variable.dtype), slots))
 
         for start in range(0, count, batch_size):
             compute(tf.constant(start, tf.int32))
@@ -607,6 +769,10 @@ class ActivationCache:
     # ---------------------------------------------------------------- epochs
     def end_epoch(self):
         """Called at each epoch's end. Returns a reason to stop, or None."""
+        if self.refusal is not None:
+            return self.refusal
+        if self._values is None:
+            return None  # no step ran since the cache was made
         if self.filling:
             count = int(self._count.numpy())
             if bool(self._overflow.numpy()):

@@ -457,15 +457,19 @@ class FreezingCallback(keras.callbacks.Callback):
         if self._cache is not None:
             start = time.perf_counter()
             reason = self._cache.end_epoch()
+            # `bytes` is known once the step was traced when the cut's
+            # shapes come from the data.
             self.cache_info.update(
                 status="filling" if self._cache.filling else "active",
                 hits=list(self._cache.hits), misses=list(self._cache.misses),
+                bytes=self._cache.nbytes,
             )
             if self.cache_info["cuts"]:
                 # The current cache is the last cut's.
                 self.cache_info["cuts"][-1].update(
                     hits=list(self._cache.hits),
                     misses=list(self._cache.misses),
+                    bytes=self._cache.nbytes,
                 )
             if reason is not None:
                 self._cache_off = reason
@@ -694,8 +698,12 @@ class FreezingCallback(keras.callbacks.Callback):
         if not self._epoch_samples:
             self.cache_info["reason"] = "no complete epoch counted yet"
             return
-        needed = self._epoch_samples * caching.example_bytes(cut[1])
-        if needed > self.cache_budget_bytes:
+        per_example = caching.example_bytes(cut[1])
+        # Unknown until the data's shapes are (a text model built for any
+        # length): the cache checks its budget when its step is traced.
+        needed = (None if per_example is None
+                  else self._epoch_samples * per_example)
+        if needed is not None and needed > self.cache_budget_bytes:
             self._set_cache(
                 None,
                 f"caching the output of '{cut[0].name}' for "
@@ -704,14 +712,15 @@ class FreezingCallback(keras.callbacks.Callback):
             )
         else:
             cache = None
-            if old is not None and (
-                old.nbytes + needed <= self.cache_budget_bytes
-            ):
+            if old is not None and old.nbytes is not None:
                 # Deeper cut: computed from the old cache now (both held
-                # for the moment), so no epoch is spent filling.
-                cache = old.derive(cut)
+                # for the moment, within the budget), so no epoch is spent
+                # filling.
+                cache = old.derive(
+                    cut, budget_bytes=self.cache_budget_bytes - old.nbytes)
             cache = cache or caching.ActivationCache(
-                self.model, cut, self._epoch_samples, seed=self.seed
+                self.model, cut, self._epoch_samples, seed=self.seed,
+                budget_bytes=self.cache_budget_bytes,
             )
             self._set_cache(cache)
             # After the epoch-`epoch` stage: its cut, and where its values

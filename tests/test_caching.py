@@ -509,3 +509,102 @@ def test_cut_inside_a_keras_hub_backbone():
     assert model.backbone.output.shape == (None, 2, 2, 64)
     assert all(len(l._inbound_nodes) == 1
                for l in model.backbone.layers[1:])
+
+
+def _tiny_bert(jit_compile=False):
+    import keras_hub
+
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=50, num_layers=3, num_heads=2, hidden_dim=16,
+        intermediate_dim=32, dropout=0.0, max_sequence_length=12)
+    model = keras_hub.models.BertTextClassifier(
+        backbone, num_classes=2, preprocessor=None, dropout=0.0)
+    model.compile(keras.optimizers.Adam(1e-3),
+                  keras.losses.SparseCategoricalCrossentropy(True),
+                  jit_compile=jit_compile)
+    return model
+
+
+def _bert_front():
+    """The units of the embeddings and the first encoder layer."""
+    from keras_smartfrz import find_units
+
+    return [u.name for u in find_units(_tiny_bert())
+            if not u.name.startswith(("transformer_layer_1",
+                                      "transformer_layer_2", "pooled",
+                                      "logits"))]
+
+
+def _token_batches(lengths):
+    """Padded token batches of 16 (`lengths[i]` tokens in batch i)."""
+    rng = np.random.default_rng(0)
+    batches = []
+    for length in lengths:
+        tokens = rng.integers(1, 50, size=(16, length)).astype("int32")
+        real = rng.integers(3, length + 1, size=(16, 1))
+        mask = np.arange(length)[None, :] < real
+        tokens = np.where(mask, tokens, 0).astype("int32")
+        batches.append(({"token_ids": tokens,
+                         "segment_ids": np.zeros_like(tokens),
+                         "padding_mask": mask.astype("int32")},
+                        (tokens[:, 0] > 25).astype("int32")))
+    return batches
+
+
+def _dataset(batches):
+    def generate():
+        yield from batches
+
+    spec = ({"token_ids": tf.TensorSpec((None, None), tf.int32),
+             "segment_ids": tf.TensorSpec((None, None), tf.int32),
+             "padding_mask": tf.TensorSpec((None, None), tf.int32)},
+            tf.TensorSpec((None,), tf.int32))
+    if len({b[0]["token_ids"].shape for b in batches}) == 1:
+        # One length: the static shape the step is traced with says it.
+        length = batches[0][0]["token_ids"].shape[1]
+        spec = keras.tree.map_structure(
+            lambda s: tf.TensorSpec((None, length) if s.shape.rank == 2
+                                    else s.shape, s.dtype), spec)
+    return tf.data.Dataset.from_generator(
+        generate, output_signature=spec).apply(
+            tf.data.experimental.assert_cardinality(len(batches)))
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_cut_inside_a_bert_backbone_caches_hidden_states_and_mask(
+        jit_compile):
+    """In a BERT-style encoder every layer reads the padding mask: the cut
+    after a frozen encoder layer holds its hidden states and the mask (a
+    shape known only from the data: the backbone takes any length)."""
+    batches = _token_batches([12] * 4)
+    plan = {0: _bert_front()}
+    trained = []
+    for cache in (False, True):
+        model = _tiny_bert(jit_compile)
+        freezer = _freezer(plan, cache=cache)
+        model.fit(_dataset(batches), epochs=4, callbacks=[freezer],
+                  verbose=0)
+        trained.append(model)
+    info = freezer.cache_info
+    assert info["cut"] == "transformer_layer_0", info
+    # 64 examples x (12 x 16 float32 hidden states + 12 int32 mask values).
+    assert info["bytes"] == 64 * (12 * 16 + 12) * 4, info
+    assert info["hits"] == [4, 4] and info["misses"] == [0, 0], info
+    for a, b in zip(*(m.weights for m in trained)):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5,
+                                   atol=1e-6, err_msg=a.path)
+    assert "train_step" not in vars(trained[1])
+
+
+def test_cut_of_unknown_size_in_the_data_turns_caching_off():
+    """Batches of varying length: the cut's size is unknown when the step is
+    traced, so the fill epoch runs as usual and caching turns off."""
+    model = _tiny_bert()
+    freezer = _freezer({0: _bert_front()})
+    with pytest.warns(UserWarning, match="unknown shape"):
+        model.fit(_dataset(_token_batches([12, 10, 12, 8])), epochs=3,
+                  callbacks=[freezer], verbose=0)
+    assert freezer.cache_info["status"] == "off"
+    assert "unknown shape" in freezer.cache_info["reason"]
+    assert "train_step" not in vars(model)
