@@ -236,8 +236,11 @@ def _hits(cache):
 
 def _megabytes(cache):
     """The largest cache the run held, in MB (older results: the last)."""
-    sizes = [c["bytes"] for c in cache.get("cuts") or [] if "bytes" in c]
-    return max(sizes + [cache.get("bytes", 0)]) / 2**20
+    sizes = [c.get("bytes") for c in cache.get("cuts") or []]
+    # None: a cache whose size comes from the data, made at the last stage
+    # and never traced.
+    sizes = [b for b in sizes + [cache.get("bytes")] if b is not None]
+    return max(sizes + [0]) / 2**20
 
 
 def summary(results):
@@ -343,6 +346,9 @@ def main(argv=None):
                         choices=METHODS)
     parser.add_argument("--pretrain-steps", type=int, default=None,
                         help="MNIST pretraining steps (default: the suite's)")
+    parser.add_argument("--append", action="store_true",
+                        help="add the runs to those already in --out (the "
+                        "same scenario; e.g. another seed)")
     parser.add_argument("--out", default=None,
                         help="default: benchmarks/results/caching.json "
                         "(CNN), caching_minilm.json (MiniLM)")
@@ -366,6 +372,11 @@ def main(argv=None):
     if args.scenario == "cnn_finetune":
         x, xt = suite._images(x), suite._images(xt)
     data = (x, y[:n], xt, yt[: size.test_size])
+    previous = None
+    if args.append and pathlib.Path(args.out).exists():
+        previous = json.loads(pathlib.Path(args.out).read_text())
+        if previous.get("scenario", "cnn_finetune") != args.scenario:
+            parser.error(f"--append: {args.out} holds another scenario")
     results = {
         "scenario": args.scenario,
         "epochs": args.epochs,
@@ -377,6 +388,13 @@ def main(argv=None):
     command = "python benchmarks/caching.py " + " ".join(
         sys.argv[1:] if argv is None else argv
     )
+    if previous is not None:
+        results["runs"] = previous["runs"]
+        results["earlier"] = previous.get("earlier", []) + [
+            {k: previous.get(k) for k in ("command", "machine",
+                                          "load_before")}]
+        command = previous.get("command", "?") + "`, then `" + command.strip()
+    results["command"] = command.strip()
     for seed in args.seeds:
         weights = scenario.initial_weights(size, seed, None)
         for method in args.methods:

@@ -68,7 +68,7 @@ def main():
     times["freeze"] = step_ms(model, data)
     cut = caching.find_cut(model)
     cache = caching.ActivationCache(model, cut, len(x))
-    model.train_step = cache.train_step
+    cache.install()
     keras_smartfrz.rebuild_train_step(model)
     model.fit(data, epochs=1, verbose=0)  # the fill epoch
     cache.end_epoch()

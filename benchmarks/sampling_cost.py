@@ -48,6 +48,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import suite  # noqa: E402
 from keras_smartfrz import policies  # noqa: E402
 from keras_smartfrz import predictor as predictor_lib  # noqa: E402
+from keras_smartfrz import sampling  # noqa: E402
 from keras_smartfrz.sampling import WeightSampler  # noqa: E402
 from keras_smartfrz.sampling import draw_sample_positions  # noqa: E402
 from keras_smartfrz.units import find_units  # noqa: E402
@@ -78,7 +79,7 @@ class InStepSampler(WeightSampler):
 
     def _gather_values(self, xla):
         if not xla:
-            return self._gather_all()
+            return sampling._gather_all(self._variables, self._indices)
         return tf.concat(
             [
                 tf.cast(tf.gather_nd(tf.convert_to_tensor(v.value), i),

@@ -9,20 +9,23 @@ backward pass.
 
 How it stays correct:
 
-- **Where it cuts.** The cut is one tensor of the model's Functional graph
-  (Sequential and Functional models; a subclassed model has no graph to cut)
-  that every path from the inputs to the outputs goes through, and whose
-  every upstream layer has no trainable weights, no randomness (Dropout or
-  noise at a rate above 0, random augmentation layers, anything else
-  holding a seed generator; `keras.ops` calls in the graph are fine), no
-  activity regularizer, and is a BatchNormalization only if that is frozen in
-  inference mode. The deepest such tensor is used. A nested Functional
-  model called once (a keras-hub backbone inside its task model) is searched
-  too, when what feeds it is safe and its single output is itself such a
-  cut of the outer graph: the cut may then sit inside the backbone (a
-  BERT-style backbone, with a padding mask reaching every layer and a dict
-  of outputs, has none inside; with `dropout=0.0` its task model is cut
-  after it). The layers after the cut
+- **Where it cuts.** The model's Functional graph (Sequential and
+  Functional models; a subclassed model has no graph to cut) is cut at a
+  place in its topological order: the cut is the set of tensors that cross
+  from the nodes before that place to the nodes after it. Every node before
+  it must be safe: no trainable weights, no randomness (Dropout or noise at
+  a rate above 0, random augmentation layers, anything else holding a seed
+  generator; `keras.ops` calls in the graph are fine), no activity
+  regularizer, and a BatchNormalization only if that is frozen in inference
+  mode. The deepest cut that one computed tensor crosses (beside model
+  inputs read as they are, such as a padding mask) is used; where there is
+  none, the deepest cut at all, every tensor of which is cached. A nested
+  Functional model called once (a keras-hub backbone inside its task model)
+  is searched too, when what feeds it is safe and the rest of the outer
+  graph reads only its outputs: the cut may then sit inside the backbone.
+  In a BERT-style backbone (built with `dropout=0.0`) it sits after the
+  deepest frozen encoder layer and holds that layer's hidden states and
+  the padding mask every later layer reads. The layers after the cut
   are the model's own layers, with the same weights and the same optimizer:
   the model the user holds is unchanged, and validation and `predict` run
   the whole model as always.
@@ -46,7 +49,11 @@ How it stays correct:
   both caches together over the budget, or a path to the new cut that
   bypasses the old one), the next epoch fills the new cache from the inputs.
 - **Bounded memory.** The cache holds one epoch's examples. If that would
-  exceed `budget_bytes`, caching stays off for that cut and says why (there
+  exceed `budget_bytes`, caching stays off for that cut and says why. A cut
+  whose shape the model leaves open (a text model built for any sequence
+  length) is sized when its step is first traced, from the data's static
+  shapes; batches of varying length leave it unknown, and caching turns
+  off after the epoch with that reason (there
   is no spilling to disk: reading activations back from disk is slower than
   the prefix it saves on the small models that fit this machine).
 
@@ -64,6 +71,7 @@ the outputs it cached), and it holds the cache's memory.
 """
 
 import contextlib
+import functools
 import math
 
 import keras
@@ -470,6 +478,22 @@ def example_bytes(tensors, shapes=None):
                for t, shape in zip(tensors, shapes))
 
 
+def _derive_batch(middle, sources, source, target, count, batch_size,
+                  start):
+    """One batch of `ActivationCache.derive`: `middle` over cached values;
+    `sources[i]` names the cached tensor the new cut's tensor i copies, or
+    is None where `middle` computes it."""
+    slots = tf.range(start, tf.minimum(start + batch_size, count))
+    inputs = [tf.gather(v, slots) for v in source]
+    computed = iter(keras.tree.flatten(middle(
+        inputs[0] if len(inputs) == 1 else inputs, training=True)))
+    values = [inputs[i] if i is not None else next(computed)
+              for i in sources]
+    for variable, value in zip(target, values):
+        variable.scatter_update(
+            tf.IndexedSlices(tf.cast(value, variable.dtype), slots))
+
+
 class ActivationCache:
     """The cached prefix outputs of one cut, and the train step that reads them.
 
@@ -730,32 +754,33 @@ class ActivationCache:
         """
         if self.filling or self.released or self._values is None:
             return None
-        middle = between(self.model, self.tensors, cut[1])
+        # Tensors of both cuts (a padding mask every layer reads) are copied;
+        # Keras cannot build a model that passes an input through as an
+        # output when its other inputs are intermediate tensors.
+        here = {id(t): i for i, t in enumerate(self.tensors)}
+        computed = [t for t in cut[1] if id(t) not in here]
+        middle = between(self.model, self.tensors, computed)
         if middle is None:
             return None
         specs = [keras.KerasTensor((None,) + shape, t.dtype)
                  for t, shape in zip(self.tensors, self.shapes)]
-        shapes = [tuple(t.shape[1:]) for t in keras.tree.flatten(
-            middle.compute_output_spec(specs[0] if len(specs) == 1
-                                       else specs))]
+        outputs = iter(keras.tree.flatten(middle.compute_output_spec(
+            specs[0] if len(specs) == 1 else specs)))
+        shapes = [self.shapes[here[id(t)]] if id(t) in here
+                  else tuple(next(outputs).shape[1:]) for t in cut[1]]
+        sources = [here.get(id(t)) for t in cut[1]]
         child = ActivationCache(self.model, cut, self.capacity,
                                 seed=self.seed, budget_bytes=budget_bytes,
                                 shapes=shapes)
         if child._values is None:
             return None  # over the budget
         count = int(self._count.numpy())
-        source, target = self._values, child._values
-
-        @tf.function(autograph=False, reduce_retracing=True)
-        def compute(start):
-            slots = tf.range(start, tf.minimum(start + batch_size, count))
-            inputs = [tf.gather(v, slots) for v in source]
-            values = keras.tree.flatten(middle(
-                inputs[0] if len(inputs) == 1 else inputs, training=True))
-            for variable, value in zip(target, values):
-                variable.scatter_update(
-                    tf.IndexedSlices(tf.cast(value, variable.dtype), slots))
-
+        # A partial, not a closure: TensorFlow's retracing warning counts
+        # the traces of all functions of one `__code__` together.
+        compute = tf.function(
+            functools.partial(_derive_batch, middle, sources, self._values,
+                              child._values, count, batch_size),
+            autograph=False, reduce_retracing=True)
         for start in range(0, count, batch_size):
             compute(tf.constant(start, tf.int32))
         child._sorted_keys.assign(self._sorted_keys)

@@ -5,6 +5,8 @@ are drawn once per unit from the callback's seed and kept for the whole run, so
 that successive snapshots follow the same weights (a real trajectory).
 """
 
+import functools
+
 import numpy as np
 import tensorflow as tf
 
@@ -89,22 +91,30 @@ class WeightSampler:
         # on the quickstart CNN an XLA gather's first call took 377 ms
         # against 69 ms as a plain graph, and later calls cost about the
         # same (0.42 vs 0.44 ms), so XLA only added start-up time.
+        # A partial, not the bound method: TensorFlow's "triggered
+        # tf.function retracing" warning counts the traces of every function
+        # of one `__code__` together, so the fifth sampler of a process
+        # (samplers are replaced within a fit, and every fit makes its own)
+        # warned of a retrace that never happened; a partial is counted
+        # on its own.
         self._gather = tf.function(
-            self._gather_all, jit_compile=False, autograph=False
+            functools.partial(_gather_all, self._variables, self._indices),
+            jit_compile=False, autograph=False,
         )
-
-    def _gather_all(self):
-        values = [
-            tf.cast(tf.gather_nd(_resource(v), idx), tf.float32)
-            for v, idx in zip(self._variables, self._indices)
-        ]
-        return tf.concat(values, axis=0)
 
     def __call__(self):
         if not self.units:
             return np.zeros((0, self.sample_size), np.float32)
         flat = self._gather().numpy()
         return flat.reshape(len(self.units), self.sample_size)
+
+
+def _gather_all(variables, indices):
+    values = [
+        tf.cast(tf.gather_nd(_resource(v), idx), tf.float32)
+        for v, idx in zip(variables, indices)
+    ]
+    return tf.concat(values, axis=0)
 
 
 def _resource(variable):

@@ -571,14 +571,19 @@ def _dataset(batches):
             tf.data.experimental.assert_cardinality(len(batches)))
 
 
-@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("jit_compile, progressive", [
+    (False, False), (True, False), (False, True)])
 def test_cut_inside_a_bert_backbone_caches_hidden_states_and_mask(
-        jit_compile):
+        jit_compile, progressive):
     """In a BERT-style encoder every layer reads the padding mask: the cut
     after a frozen encoder layer holds its hidden states and the mask (a
-    shape known only from the data: the backbone takes any length)."""
+    shape known only from the data: the backbone takes any length).
+    Progressively: the token embedding first (cut: its output, the segment
+    ids and the mask), the rest at epoch 1 (the new cache is derived; the
+    mask is copied over)."""
     batches = _token_batches([12] * 4)
-    plan = {0: _bert_front()}
+    front = _bert_front()
+    plan = ({0: front[:1], 1: front[1:]} if progressive else {0: front})
     trained = []
     for cache in (False, True):
         model = _tiny_bert(jit_compile)
@@ -590,7 +595,16 @@ def test_cut_inside_a_bert_backbone_caches_hidden_states_and_mask(
     assert info["cut"] == "transformer_layer_0", info
     # 64 examples x (12 x 16 float32 hidden states + 12 int32 mask values).
     assert info["bytes"] == 64 * (12 * 16 + 12) * 4, info
-    assert info["hits"] == [4, 4] and info["misses"] == [0, 0], info
+    if progressive:
+        # Epoch 1 filled the first cache (64 x (12 x 16 + 2 x 12) x 4
+        # bytes); the second, derived from it, served epochs 2 and 3.
+        assert [(c["cut"], c["derived_from"], c["bytes"], c["hits"])
+                for c in info["cuts"]] == [
+            ("token_embedding", None, 64 * (12 * 16 + 24) * 4, []),
+            ("transformer_layer_0", "token_embedding",
+             64 * (12 * 16 + 12) * 4, [4, 4])], info
+    else:
+        assert info["hits"] == [4, 4] and info["misses"] == [0, 0], info
     for a, b in zip(*(m.weights for m in trained)):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5,
                                    atol=1e-6, err_msg=a.path)

@@ -1,3 +1,5 @@
+import logging
+
 import keras
 import numpy as np
 import pytest
@@ -77,3 +79,17 @@ def test_sampler_follows_weight_changes():
     np.testing.assert_array_equal(before[0], after[0])
     assert np.all(after[1][before[1] != after[1]] != 0)
     assert not np.array_equal(before[1], after[1])
+
+
+def test_many_samplers_warn_of_no_retracing(caplog):
+    """Each sampler traces its gather once. TensorFlow's retracing warning
+    counts traces per function code: samplers made one after another (a
+    fit replaces its sampler; every fit makes one) must not add up."""
+    model = mlp()
+    units = find_units(model)
+    positions = [draw_sample_positions(u.num_params, 16, 0, i)
+                 for i, u in enumerate(units)]
+    with caplog.at_level(logging.WARNING, logger="tensorflow"):
+        for _ in range(8):
+            WeightSampler(units, positions)()
+    assert "retracing" not in caplog.text
