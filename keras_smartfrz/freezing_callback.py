@@ -194,7 +194,9 @@ class FreezingCallback(keras.callbacks.Callback):
             reports what it did: the current cache's cut, size and hits
             and misses per epoch, and `"cuts"`, each cut the run moved to
             with the stage that made it, the cut it was derived from, its
-            size and its own hits and misses per epoch. See
+            size (None until its first step when the size comes from the
+            data, as for a text model built for any sequence length) and
+            its own hits and misses per epoch. See
             `keras_smartfrz.caching`.
         cache_budget_bytes: the largest cache allowed, in bytes (default
             1 GiB). It holds one epoch's examples; a bigger cache is not
