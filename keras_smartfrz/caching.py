@@ -450,20 +450,14 @@ def leftover_step(model):
     return owner if isinstance(owner, ActivationCache) else None
 
 
-def remove_leftover_step(model, reset_train_function=True):
-    """Takes a leftover cache step off `model`; True if there was one.
-
-    The cache's values are dropped and, with `reset_train_function`, the
-    model's train function too (the next `make_train_function` builds the
-    model's own step).
-    """
+def remove_leftover_step(model):
+    """Takes a leftover cache step off `model` and drops the cache's values;
+    True if there was one. The caller rebuilds the train function."""
     cache = leftover_step(model)
     if cache is None:
         return False
     del model.train_step
     cache.release()
-    if reset_train_function:
-        model.train_function = None
     return True
 
 
@@ -529,6 +523,7 @@ class ActivationCache:
         self.filling = True
         self.released = False
         self.refusal = None
+        self._compiled_tracker = None  # set by `install`
         self.hits = []
         self.misses = []
         self.nbytes = None
@@ -668,7 +663,7 @@ class ActivationCache:
             # interrupted by an exception (its `on_train_end` never ran to
             # take this step off), then the model was compiled again. The
             # model gets its own step back.
-            remove_leftover_step(model, reset_train_function=False)
+            remove_leftover_step(model)
             return model.train_step(data)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         if self._values is None and self.refusal is None:
@@ -736,7 +731,7 @@ class ActivationCache:
         return (
             not self.released
             and model is self.model
-            and getattr(self, "_compiled_tracker", None) is not None
+            and self._compiled_tracker is not None
             and model._loss_tracker is self._compiled_tracker
         )
 

@@ -359,7 +359,7 @@ class FreezingCallback(keras.callbacks.Callback):
             # An earlier `fit` with activation caching ended in an
             # exception and left its cached step on the model: this `fit`
             # trains with the model's own step.
-            self.model.make_train_function(force=True)
+            freezing.rebuild_train_step(self.model)
         self.policy.reset()
         if self.min_epochs == "auto":
             self._min_epochs = auto_min_epochs(
@@ -700,30 +700,21 @@ class FreezingCallback(keras.callbacks.Callback):
         if not self._epoch_samples:
             self.cache_info["reason"] = "no complete epoch counted yet"
             return
-        per_example = caching.example_bytes(cut[1])
-        # Unknown until the data's shapes are (a text model built for any
-        # length): the cache checks its budget when its step is traced.
-        needed = (None if per_example is None
-                  else self._epoch_samples * per_example)
-        if needed is not None and needed > self.cache_budget_bytes:
-            self._set_cache(
-                None,
-                f"caching the output of '{cut[0].name}' for "
-                f"{self._epoch_samples} examples needs {needed} bytes, over "
-                f"cache_budget_bytes={self.cache_budget_bytes}",
-            )
+        cache = None
+        if old is not None and old.nbytes is not None:
+            # Deeper cut: computed from the old cache now (both held for the
+            # moment, within the budget), so no epoch is spent filling.
+            cache = old.derive(
+                cut, budget_bytes=self.cache_budget_bytes - old.nbytes)
+        # The cache checks its own budget: here when its size is known from
+        # the model, when its step is traced when it comes from the data.
+        cache = cache or caching.ActivationCache(
+            self.model, cut, self._epoch_samples, seed=self.seed,
+            budget_bytes=self.cache_budget_bytes,
+        )
+        if cache.refusal is not None:
+            self._set_cache(None, cache.refusal)
         else:
-            cache = None
-            if old is not None and old.nbytes is not None:
-                # Deeper cut: computed from the old cache now (both held
-                # for the moment, within the budget), so no epoch is spent
-                # filling.
-                cache = old.derive(
-                    cut, budget_bytes=self.cache_budget_bytes - old.nbytes)
-            cache = cache or caching.ActivationCache(
-                self.model, cut, self._epoch_samples, seed=self.seed,
-                budget_bytes=self.cache_budget_bytes,
-            )
             self._set_cache(cache)
             # After the epoch-`epoch` stage: its cut, and where its values
             # come from (None: the next epoch fills it from the inputs).

@@ -102,38 +102,17 @@ def test_cached_training_matches_uncached(jit_compile, shuffle, budget):
 def test_cache_hit_skips_the_prefix(plan, cuts):
     """A prefix call counter inside the graph proves the prefix is skipped."""
     keras.utils.set_random_seed(0)
-    calls = tf.Variable(0, dtype=tf.int64, trainable=False)
-
-    class Counting(keras.layers.Layer):
-        def call(self, inputs):
-            calls.assign_add(1)
-            return inputs
-
-    inputs = keras.Input((6,))
-    h = Counting(name="count")(inputs)
-    h = keras.layers.Dense(8, activation="relu", name="d0")(h)
-    h = keras.layers.Dense(8, activation="relu", name="d1")(h)
-    model = keras.Model(inputs, keras.layers.Dense(2, name="head")(h))
-    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(True))
+    model, calls = _counting_model()
     x, y = toy_data(64)
-    counts = []
-
-    class Count(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            counts.append(int(calls.numpy()))
-            calls.assign(0)
-
     freezer = _freezer(plan)
-    model.fit(x, y, batch_size=16, epochs=4, verbose=0,
-              callbacks=[freezer, Count()])
-    assert counts == [4, 4, 0, 0]
+    assert _prefix_calls_per_epoch(model, calls, x, y, 4, [freezer]) == [
+        4, 4, 0, 0]
     assert [(c["cut"], c["derived_from"])
             for c in freezer.cache_info["cuts"]] == cuts
     assert freezer.cache_info["hits"] == [4, 4]
     # Validation and predict still run the whole model.
     model.predict(x[:4], verbose=0)
     assert int(calls.numpy()) > 0
-
 
 
 class _Interrupt(Exception):
