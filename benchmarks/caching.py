@@ -346,6 +346,8 @@ def main(argv=None):
                         choices=METHODS)
     parser.add_argument("--pretrain-steps", type=int, default=None,
                         help="MNIST pretraining steps (default: the suite's)")
+    parser.add_argument("--test-size", type=int, default=None,
+                        help="test examples evaluated (default: the suite's)")
     parser.add_argument("--append", action="store_true",
                         help="add the runs to those already in --out (the "
                         "same scenario; e.g. another seed)")
@@ -366,6 +368,10 @@ def main(argv=None):
     args.out = args.out or str(RESULTS / out)
     if args.pretrain_steps is not None:
         size = dataclasses.replace(size, pretrain_steps=args.pretrain_steps)
+    if args.test_size is not None:
+        if args.test_size < 1:
+            parser.error(f"--test-size must be >= 1; got {args.test_size}")
+        size = dataclasses.replace(size, test_size=args.test_size)
     x, y, xt, yt = scenario.load_data(size)
     n = args.steps * size.batch_size
     x, xt = _first(x, n), _first(xt, size.test_size)

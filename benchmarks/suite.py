@@ -676,6 +676,11 @@ def run_one(scenario, size, task, flops, method, seed, predictor, label,
         "frozen_fraction": epoch_log.frozen,
         "freeze_epochs": freeze_epochs,
         "frozen_units_by_epoch": frozen_by_epoch,
+        # Every candidate's score at every stage: [epoch, unit, score, frozen].
+        "decisions": [
+            [d.epoch, d.layer, round(d.score, 4), d.frozen]
+            for d in getattr(freezer, "decisions", ())
+        ],
         "flops": run_flops,
         "flops_full": full_flops,
         "flops_saved": 1.0 - run_flops / full_flops,

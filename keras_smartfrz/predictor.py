@@ -44,6 +44,21 @@ _CARD_SUFFIX = "_card.json"
 _RESOLUTION = 1e-6
 
 
+def _work_dtype(window):
+    """The float type the window's arithmetic runs in.
+
+    float32 windows (what the callback samples from float32 weights) are
+    worked in float32: a difference of two nearby float32 numbers is exact
+    (Sterbenz), so displacements and steps carry no new rounding error, and
+    the sums and ratios after them lose far less than the features' own
+    resolution. That halves the memory traffic of the decision. Anything
+    else (float64, float16, bfloat16, integers) is worked in float64.
+    """
+    if window.dtype == np.float32:
+        return np.float32
+    return np.float64
+
+
 def normalize_window(window):
     """Turns raw sampled weights into the predictor's input.
 
@@ -104,7 +119,7 @@ def normalize_window(window):
             "`window` needs at least 2 snapshots (T >= 2) to measure "
             f"movement; received shape {window.shape}."
         )
-    weights = window.astype(np.float64)
+    weights = window.astype(_work_dtype(window), copy=False)
     displacement = weights - weights[..., :1, :]
     steps = np.diff(weights, axis=-2)
     step_rms = np.sqrt(np.mean(steps**2, axis=(-2, -1), keepdims=True))
@@ -171,7 +186,8 @@ def window_features(window, unit_index, num_units):
     window_features(raw, unit_index=[0, 1, 2], num_units=4).shape  # (3, 5)
     ```
     """
-    window = np.asarray(window, dtype=np.float64)
+    window = np.asarray(window)
+    window = window.astype(_work_dtype(window), copy=False)
     if window.ndim != 3 or window.shape[1] < 3:
         raise ValueError(
             "`window` must have shape (units, T, S) with T >= 3; received "
@@ -824,7 +840,10 @@ class PredictorPolicy(policies.FreezePolicy):
         of 20 calls, median over 7 processes; the NumPy `predictor_inputs`
         is most of what remains at 35 units). The first decision costs
         about the same either way (240-250 ms at 35 units): tracing takes
-        about what Keras' first eager call takes.
+        about what Keras' first eager call takes. Working the float32
+        windows in float32 (`_work_dtype`) later halved what remains:
+        `predictor_inputs` at 35 units 11.0 -> 5.3 ms, at 54 units 15.3 ->
+        8.1 ms (medians of 20 calls, one process, a machine with AVX-512).
         Other backends call the model eagerly.
         """
         if keras.backend.backend() != "tensorflow":

@@ -12,7 +12,8 @@ def test_cnn_scenario_smoke(tmp_path):
     out = tmp_path / "caching.json"
     caching_benchmark.main([
         "--seeds", "0", "--epochs", "3", "--steps", "4",
-        "--pretrain-steps", "4", "--methods", "full", "linear+cache",
+        "--pretrain-steps", "4", "--test-size", "64",
+        "--methods", "full", "linear+cache",
         "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved["scenario"] == "cnn_finetune"
@@ -30,7 +31,8 @@ def test_minilm_scenario_smoke(tmp_path):
     out = tmp_path / "caching_minilm.json"
     caching_benchmark.main([
         "--scenario", "minilm_finetune", "--seeds", "0", "--epochs", "1",
-        "--steps", "2", "--methods", "full", "--out", str(out)])
+        "--steps", "2", "--test-size", "32", "--methods", "full",
+        "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved["scenario"] == "minilm_finetune"
     assert saved["steps_per_epoch"] == 2

@@ -152,6 +152,34 @@ def test_normalize_rejects_bad_shapes():
         normalize_window(np.zeros(8))
 
 
+def test_float32_windows_are_worked_in_float32_to_the_same_result():
+    # What the callback samples is float32; it is worked in float32, and
+    # gives what float64 arithmetic gives, down to steps of 1e-6 of the
+    # weights' size (where float32 subtraction is still exact).
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=(4, 1, 64))
+    steps = np.array([1e-1, 1e-3, 1e-5, 1e-6])[:, None, None]
+    window64 = base + np.cumsum(
+        steps * rng.normal(size=(4, 12, 64)), axis=1
+    )
+    window32 = window64.astype(np.float32)
+    # The reference: the same float32 numbers, worked in float64.
+    exact = window32.astype(np.float64)
+    assert predictor_lib._work_dtype(window32) == np.float32
+    assert predictor_lib._work_dtype(exact) == np.float64
+    np.testing.assert_allclose(
+        normalize_window(window32), normalize_window(exact),
+        rtol=1e-4, atol=1e-4,
+    )
+    np.testing.assert_allclose(
+        window_features(window32, [0, 1, 2, 3], 5),
+        window_features(exact, [0, 1, 2, 3], 5),
+        rtol=1e-5, atol=1e-5,
+    )
+    assert normalize_window(window32).dtype == np.float32
+    assert window_features(window32, [0, 1, 2, 3], 5).dtype == np.float32
+
+
 # -------------------------------------------------------------- features
 def _feature(window, name, unit_index=0, num_units=2):
     column = predictor_lib.FEATURE_NAMES.index(name)
