@@ -586,6 +586,11 @@ class FreezingCallback(keras.callbacks.Callback):
         if chosen:
             self._freeze([candidates[i] for i in sorted(chosen)], epoch)
 
+    def _is_last_epoch(self, epoch):
+        """Whether `epoch` is the last one `fit` was asked to run."""
+        epochs = (self.params or {}).get("epochs")
+        return epochs is not None and epoch + 1 >= epochs
+
     def _finite(self, units, propose):
         """`propose` with the units holding NaN or inf weights taken out;
         warns once per bad unit.
@@ -624,7 +629,13 @@ class FreezingCallback(keras.callbacks.Callback):
         )
         if self.release_optimizer_state:
             self._release_optimizer_state(layers)
-        if self.cache_activations and self._cache_off is None:
+        if (
+            self.cache_activations
+            and self._cache_off is None
+            and not self._is_last_epoch(epoch)
+        ):
+            # After the last epoch no step reads a cache (`on_train_end`
+            # drops it): deriving one there cost MiniLM's 10-epoch run 1.2 s.
             self._update_cache(epoch)
         freezing.rebuild_train_step(self.model)
         # Counted in "decision" too (it runs inside the stage); kept apart

@@ -115,6 +115,31 @@ def test_cache_hit_skips_the_prefix(plan, cuts):
     assert int(calls.numpy()) > 0
 
 
+def test_no_cache_is_made_after_the_last_epoch(monkeypatch):
+    """A freeze at the last epoch's stage still freezes (the model keeps it
+    for a later `fit`), but no cache is derived or filled for it: no step
+    would read it before `on_train_end` drops it."""
+    derived = []
+    derive = caching.ActivationCache.derive
+
+    def counting_derive(self, *args, **kwargs):
+        derived.append(self.layer.name)
+        return derive(self, *args, **kwargs)
+
+    monkeypatch.setattr(caching.ActivationCache, "derive", counting_derive)
+    model, freezer, _ = _train(True, False, True, epochs=4,
+                               plan={0: ["d0"], 3: ["d1"]})
+    assert freezer.frozen_units[-1].endswith("d1")
+    assert not model.get_layer("d1").trainable
+    assert derived == []
+    assert [c["cut"] for c in freezer.cache_info["cuts"]] == ["bn0"]
+    assert freezer.cache_info["hits"] == [7, 7]
+    assert "train_step" not in vars(model)
+    # Deriving still happens when an epoch follows the stage.
+    _train(True, False, True, epochs=4, plan={0: ["d0"], 2: ["d1"]})
+    assert derived == ["bn0"]
+
+
 class _Interrupt(Exception):
     pass
 
