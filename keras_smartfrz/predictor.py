@@ -841,9 +841,9 @@ class PredictorPolicy(policies.FreezePolicy):
         is most of what remains at 35 units). The first decision costs
         about the same either way (240-250 ms at 35 units): tracing takes
         about what Keras' first eager call takes. Working the float32
-        windows in float32 (`_work_dtype`) later halved what remains:
-        `predictor_inputs` at 35 units 11.0 -> 5.3 ms, at 54 units 15.3 ->
-        8.1 ms (medians of 20 calls, one process, a machine with AVX-512).
+        windows in float32 (`_work_dtype`) later made `predictor_inputs`
+        2.2-2.6x faster (35 units: 16.0 -> 7.3 ms; medians of 20 calls side
+        by side, `benchmarks/predictor_inputs_cost.py`).
         Other backends call the model eagerly.
         """
         if keras.backend.backend() != "tensorflow":
