@@ -21,15 +21,15 @@ Writes benchmarks/results/predictor_inputs_cost.json and .md.
 
 import argparse
 import json
-import os
 import pathlib
-import platform
 import sys
 import time
 
 import numpy as np
 
-from keras_smartfrz.predictor import predictor_inputs
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import suite  # noqa: E402
+from keras_smartfrz.predictor import predictor_inputs  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -99,9 +99,7 @@ def main(argv=None):
     results = {
         "command": " ".join(
             ["python benchmarks/predictor_inputs_cost.py", *argv]),
-        "machine": {"cpus": len(os.sched_getaffinity(0)),
-                    "python": platform.python_version(),
-                    "numpy": np.__version__},
+        "machine": suite.machine_info(),
         "repeats": args.repeats,
         "rows": rows,
     }

@@ -842,7 +842,7 @@ class PredictorPolicy(policies.FreezePolicy):
         about the same either way (240-250 ms at 35 units): tracing takes
         about what Keras' first eager call takes. Working the float32
         windows in float32 (`_work_dtype`) later made `predictor_inputs`
-        2.2-2.6x faster (35 units: 16.0 -> 7.3 ms; medians of 20 calls side
+        2.2-2.4x faster (35 units: 15.0 -> 6.7 ms; medians of 20 calls side
         by side, `benchmarks/predictor_inputs_cost.py`).
         Other backends call the model eagerly.
         """
