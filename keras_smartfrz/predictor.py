@@ -244,7 +244,7 @@ def window_features(window, unit_index, num_units):
     return features.astype(np.float32)
 
 
-def predictor_inputs(window, unit_index, num_units):
+def predictor_inputs(window, unit_index, num_units, progress=None):
     """What `FreezePredictor` reads for raw windows of some units.
 
     The normalised window comes with each snapshot's values already sorted
@@ -258,15 +258,48 @@ def predictor_inputs(window, unit_index, num_units):
         window: array `(units, T, S)` of raw sampled weights, oldest first.
         unit_index: each unit's position among the model's units.
         num_units: the model's number of units.
+        progress: `None` (default), or the fraction of the planned
+            training done when the window ends, in `[0, 1]`
+            (`FreezeStage.progress`: `(epoch + 1) / epochs`), for a
+            predictor built with `use_progress=True`; it becomes a last
+            feature column.
 
     Returns:
         `{"window": np.sort(normalize_window(window), axis=-1), "features":
-        window_features(window, unit_index, num_units)}`.
+        window_features(window, unit_index, num_units)}`, the features with
+        a `progress` column appended when `progress` is given.
     """
+    features = window_features(window, unit_index, num_units)
+    if progress is not None:
+        features = with_progress(features, progress)
     return {
         "window": np.sort(normalize_window(window), axis=-1),
-        "features": window_features(window, unit_index, num_units),
+        "features": features,
     }
+
+
+def with_progress(features, progress):
+    """`features` `(units, F)` with a training-progress column appended.
+
+    Args:
+        features: array `(units, F)`, typically from `window_features`.
+        progress: a number or an array `(units,)` in `[0, 1]`: the fraction
+            of the planned training done when each window ends.
+
+    Returns:
+        A float32 array `(units, F + 1)`.
+    """
+    features = np.asarray(features, np.float32)
+    progress = np.asarray(progress, np.float64)
+    if not np.all(np.isfinite(progress)) or np.any(
+        (progress < 0.0) | (progress > 1.0)
+    ):
+        raise ValueError(
+            "`progress` must lie in [0, 1]; received "
+            f"progress={progress.tolist()!r}."
+        )
+    column = np.broadcast_to(progress, features.shape[:1]).astype(np.float32)
+    return np.concatenate([features, column[:, None]], axis=1)
 
 
 def _check_int(name, value, minimum):
@@ -329,10 +362,16 @@ class FreezePredictor(keras.Model):
             (default 32).
         dropout: dropout rate before each classifier layer, in `[0, 1)`
             (default 0.2; only active in training).
+        use_progress: whether the predictor also reads how far training
+            has got, `(epoch + 1) / epochs` of `fit` at the freezing stage,
+            as a last feature column (default `False`). The callback reads
+            `epochs` from `fit`: a training split into several `fit` calls
+            reads each call's end as the end of training.
 
     Input: a dict with `"window"`, a float32 array `(batch, window_size,
     sample_size)` already normalised, and `"features"`, `(batch,
-    NUM_FEATURES)`; `predictor_inputs` makes both from raw sampled weights.
+    num_features)` (`NUM_FEATURES`, plus one with `use_progress`);
+    `predictor_inputs` makes both from raw sampled weights.
     Output: `(batch, 1)` probabilities.
 
     Example:
@@ -355,6 +394,7 @@ class FreezePredictor(keras.Model):
         embedding_units=64,
         classifier_units=32,
         dropout=0.2,
+        use_progress=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -375,7 +415,13 @@ class FreezePredictor(keras.Model):
         self.hidden_units = int(hidden_units)
         self.embedding_units = int(embedding_units)
         self.classifier_units = int(classifier_units)
+        if not isinstance(use_progress, (bool, np.bool_)):
+            raise ValueError(
+                "`use_progress` must be True or False; received "
+                f"use_progress={use_progress!r}."
+            )
         self.dropout = float(dropout)
+        self.use_progress = bool(use_progress)
         self.query_encoder = _encoder(
             hidden_units, embedding_units, "query_encoder"
         )
@@ -402,17 +448,24 @@ class FreezePredictor(keras.Model):
         self.build(
             {
                 "window": (None, self.window_size, self.sample_size),
-                "features": (None, NUM_FEATURES),
+                "features": (None, self.num_features),
             }
         )
+
+    @property
+    def num_features(self):
+        """Width of the `"features"` input: `NUM_FEATURES` (+1 for progress)."""
+        return NUM_FEATURES + int(self.use_progress)
 
     def build(self, input_shape):
         snapshot_shape = (None, self.sample_size)
         self.query_encoder.build(snapshot_shape)
         self.key_encoder.build(snapshot_shape)
         self.value_encoder.build(snapshot_shape)
-        self.classifier.build((None, self.embedding_units + NUM_FEATURES))
-        self.feature_logit.build((None, NUM_FEATURES))
+        self.classifier.build(
+            (None, self.embedding_units + self.num_features)
+        )
+        self.feature_logit.build((None, self.num_features))
         self.built = True
 
     def _unpack(self, inputs):
@@ -429,6 +482,14 @@ class FreezePredictor(keras.Model):
             )
         window = keras.ops.cast(inputs["window"], "float32")
         features = keras.ops.cast(inputs["features"], "float32")
+        width = features.shape[-1]
+        if width is not None and width != self.num_features:
+            raise ValueError(
+                f"This FreezePredictor reads {self.num_features} features "
+                f"(use_progress={self.use_progress}); received "
+                f"{width}. Pass `progress` to `predictor_inputs` exactly "
+                "when the predictor was built with `use_progress=True`."
+            )
         # Each snapshot's values are sorted: the sampled positions are a
         # random draw whose order means nothing, so the encoders read each
         # snapshot's distribution of displacements (its quantiles), which
@@ -491,7 +552,11 @@ _CONFIG_KEYS = (
     "embedding_units",
     "classifier_units",
     "dropout",
+    "use_progress",
 )
+# Keys a card may leave out (written before they existed), with the value
+# such a card means.
+_CONFIG_DEFAULTS = {"use_progress": False}
 
 
 def predictor_files(path=None):
@@ -609,12 +674,19 @@ def read_card(path=None):
             f"keras-smartfrz normalises them as {NORMALIZATION!r}."
         )
     config = card.get("config")
-    if not isinstance(config, dict) or set(config) != set(_CONFIG_KEYS):
+    required = set(_CONFIG_KEYS) - set(_CONFIG_DEFAULTS)
+    if (
+        not isinstance(config, dict)
+        or not required <= set(config)
+        or not set(config) <= set(_CONFIG_KEYS)
+    ):
         raise ValueError(
             f"Predictor model card '{card_file}' must have a `config` with "
-            f"exactly the keys {sorted(_CONFIG_KEYS)}; found "
+            f"the keys {sorted(required)} (and optionally "
+            f"{sorted(_CONFIG_DEFAULTS)}); found "
             f"{sorted(config) if isinstance(config, dict) else config!r}."
         )
+    card["config"] = dict(_CONFIG_DEFAULTS, **config)
     return card
 
 
@@ -700,7 +772,9 @@ def _compiled_inference(predictor):
                 (None, predictor.window_size, predictor.sample_size),
                 tf.float32,
             ),
-            "features": tf.TensorSpec((None, NUM_FEATURES), tf.float32),
+            "features": tf.TensorSpec(
+                (None, predictor.num_features), tf.float32
+            ),
         }
     ]
 
@@ -729,7 +803,9 @@ class PredictorPolicy(policies.FreezePolicy):
     batched call; the score is the predicted probability that the unit has
     converged, and a unit is proposed for freezing when its score is at least
     `freeze_threshold`. The predictor also reads each unit's position in the
-    model (`FreezeStage.positions()`). Until the history holds a full window of
+    model (`FreezeStage.positions()`) and, if it was built with
+    `use_progress=True`, how far training has got (`FreezeStage.progress`).
+    Until the history holds a full window of
     `window_size` snapshots, and for a unit whose window holds NaN or inf,
     the score is 0 and nothing is proposed.
 
@@ -820,7 +896,11 @@ class PredictorPolicy(policies.FreezePolicy):
         finite = np.isfinite(window).all(axis=(1, 2))
         if finite.any():
             inputs = predictor_inputs(
-                window[finite], stage.positions()[finite], stage.num_units
+                window[finite],
+                stage.positions()[finite],
+                stage.num_units,
+                min(1.0, stage.progress) if self.predictor.use_progress
+                else None,
             )
             scores[finite] = self._predict(inputs).reshape(-1)
         return scores, finite & (scores >= self.freeze_threshold)

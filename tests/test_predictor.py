@@ -417,6 +417,78 @@ def test_unknown_config_key_is_refused(tmp_path):
         load_predictor(tmp_path)
 
 
+def test_card_without_use_progress_loads_as_without_progress(tmp_path):
+    # Cards written before `use_progress` existed (the shipped one of
+    # format 2 among them) mean a predictor without the progress input.
+    _, card_file = save_predictor(_tiny_predictor(), tmp_path)
+    card = json.loads(card_file.read_text())
+    del card["config"]["use_progress"]
+    card_file.write_text(json.dumps(card))
+    loaded = load_predictor(tmp_path)
+    assert loaded.use_progress is False and loaded.num_features == 5
+
+
+# -------------------------------------------------------- progress input
+def test_progress_is_appended_as_the_last_feature():
+    window = np.random.default_rng(3).normal(size=(3, 4, 8))
+    plain = predictor_inputs(window, [0, 1, 2], 4)
+    with_it = predictor_inputs(window, [0, 1, 2], 4, progress=0.25)
+    assert with_it["features"].shape == (3, predictor_lib.NUM_FEATURES + 1)
+    np.testing.assert_array_equal(with_it["features"][:, :-1], plain["features"])
+    np.testing.assert_array_equal(with_it["features"][:, -1], [0.25] * 3)
+    np.testing.assert_array_equal(with_it["window"], plain["window"])
+    per_unit = predictor_lib.with_progress(plain["features"], [0.1, 0.5, 1.0])
+    np.testing.assert_allclose(per_unit[:, -1], [0.1, 0.5, 1.0])
+    for bad in (-0.1, 1.5, np.nan):
+        with pytest.raises(ValueError, match="progress"):
+            predictor_inputs(window, [0, 1, 2], 4, progress=bad)
+
+
+def test_progress_predictor_reads_six_features_and_round_trips(tmp_path):
+    predictor = FreezePredictor(**TINY, use_progress=True)
+    assert predictor.num_features == predictor_lib.NUM_FEATURES + 1
+    window = np.random.default_rng(4).normal(size=(2, 4, 8))
+    inputs = predictor_inputs(window, [0, 1], 3, progress=0.5)
+    assert predictor(inputs).shape == (2, 1)
+    with pytest.raises(ValueError, match="reads 6 features.*received 5"):
+        predictor(predictor_inputs(window, [0, 1], 3))
+    with pytest.raises(ValueError, match="reads 5 features.*received 6"):
+        _tiny_predictor()(inputs)
+    with pytest.raises(ValueError, match="use_progress='yes'"):
+        FreezePredictor(**TINY, use_progress="yes")
+    assert predictor.get_config()["use_progress"] is True
+    save_predictor(predictor, tmp_path)
+    loaded = load_predictor(tmp_path)
+    assert loaded.use_progress is True
+    assert loaded.card["config"]["use_progress"] is True
+    np.testing.assert_allclose(loaded(inputs), predictor(inputs), rtol=1e-6)
+
+
+def _progress_only_predictor():
+    """Scores sigmoid(8 * progress - 4): only the progress input counts."""
+    predictor = FreezePredictor(**TINY, use_progress=True)
+    head = predictor.classifier.layers[-1]
+    head.kernel.assign(np.zeros(head.kernel.shape, "float32"))
+    head.bias.assign(np.zeros(head.bias.shape, "float32"))
+    kernel = np.zeros(predictor.feature_logit.kernel.shape, "float32")
+    kernel[-1, 0] = 8.0
+    predictor.feature_logit.kernel.assign(kernel)
+    predictor.feature_logit.bias.assign(np.array([-4.0], "float32"))
+    return predictor
+
+
+def test_policy_passes_the_stage_progress_to_a_progress_predictor():
+    policy = PredictorPolicy(_progress_only_predictor())
+    window = np.random.default_rng(5).normal(size=(3, 4, 8))
+    early, early_freeze = policy.decide(_stage(window, epoch=1))  # 0.2
+    late, late_freeze = policy.decide(_stage(window, epoch=8))  # 0.9
+    np.testing.assert_allclose(early, 1 / (1 + np.exp(-(8 * 0.2 - 4))),
+                               rtol=1e-5)
+    np.testing.assert_allclose(late, 1 / (1 + np.exp(-(8 * 0.9 - 4))),
+                               rtol=1e-5)
+    assert not early_freeze.any() and late_freeze.all()
+
+
 # ---------------------------------------------------------------- policy
 def test_policy_freezes_at_or_above_threshold():
     window = np.random.default_rng(7).normal(size=(3, 4, 8))

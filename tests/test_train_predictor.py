@@ -420,6 +420,32 @@ def test_label_rule_report(pipeline, tmp_path):
     assert share[(0.95, None)] >= share[(0.99, None)]
 
 
+def test_predictor_variants_report(pipeline, tmp_path):
+    from conftest import load_script
+
+    variants = load_script("benchmarks", "predictor_variants")
+    out = tmp_path / "variants.md"
+    argv = ["--runs", str(pipeline["root"] / "runs"),
+            "--workdir", str(tmp_path / "w"), "--rules", "0.95", "0.99",
+            "--holdout", "cnn", "--quick", "--out", str(out)]
+    results = variants.main(argv)
+    text = out.read_text()
+    assert "| CKA 0.95 | yes | cnn | 6 |" in text
+    assert "| CKA 0.99 | no | pooled | 6 |" in text
+    rows = results["CKA 0.95"]
+    assert [row["use_progress"] for row in rows] == [False, True]
+    assert predictor_lib.load_predictor(rows[1]["path"]).use_progress
+    timing = rows[0]["first_freeze"]["cnn"]
+    # 3 candidate units of one cnn run, each counted once.
+    assert timing["units"] == 3
+    assert (timing["too_early"] + timing["on_time_or_later"]
+            + timing["never"]) == 3
+    # A second call reuses the trained predictors instead of retraining.
+    again = variants.main(argv)
+    assert again["CKA 0.95"][0]["train_seconds"] is None
+    assert json.loads(out.with_suffix(".json").read_text())["command"]
+
+
 def test_collect_resumes_and_checks_settings(pipeline):
     path = pipeline["root"] / "runs" / "run-mlp-s0.npz"
     before = path.stat().st_mtime_ns
@@ -454,6 +480,26 @@ def test_train_writes_a_loadable_predictor_with_card(pipeline):
     assert training["train_archs"] == ["mlp"]
     assert training["windows"]["held_out"] == 6
     assert not (pipeline["root"] / "predictor" / "backup").exists()
+
+
+def test_progress_predictor_trains_on_the_windows_epochs(pipeline, tmp_path):
+    data = pipeline["root"] / "data.npz"
+    arrays, _ = tp.load_dataset(data)
+    features = tp.dataset_features(arrays, use_progress=True)
+    np.testing.assert_array_equal(features[:, :-1], arrays["features"])
+    np.testing.assert_allclose(
+        features[:, -1], (arrays["epoch"] + 1) / arrays["epochs"])
+    assert tp.dataset_features(arrays) is arrays["features"]
+    tp.main([
+        "train", "--data", str(data), "--out", str(tmp_path / "p"),
+        "--holdout", "cnn", "--epochs", "1", "--batch-size", "8",
+        "--hidden-units", "8", "--embedding-units", "4",
+        "--classifier-units", "4", "--use-progress",
+    ])
+    predictor = predictor_lib.load_predictor(tmp_path / "p")
+    assert predictor.use_progress and predictor.num_features == 6
+    report = tp.evaluate(data, tmp_path / "p", verbose=0)
+    assert report["cnn"]["held_out"] and report["cnn"]["windows"] == 6
 
 
 def test_evaluate_reports_each_architecture(pipeline):

@@ -1222,6 +1222,19 @@ def classification_metrics(labels, scores, threshold=0.5):
 
 
 # ------------------------------------------------------------------ train
+def dataset_features(arrays, use_progress=False):
+    """The predictor's `"features"` input for every window of a dataset.
+
+    The stored side features, with the training-progress column
+    `(epoch + 1) / epochs` appended for a predictor built with
+    `use_progress=True` (what `PredictorPolicy` passes at a stage).
+    """
+    if not use_progress:
+        return arrays["features"]
+    progress = (arrays["epoch"] + 1.0) / arrays["epochs"]
+    return predictor_lib.with_progress(arrays["features"], progress)
+
+
 def _augment(inputs, labels):
     """Label-preserving symmetries of a normalised window.
 
@@ -1360,9 +1373,8 @@ def train(
         (class_weight or {1: 1.0})[1],
         (class_weight or {0: 1.0})[0],
     )
-    kernel, bias = fit_feature_logit(
-        arrays["features"][in_fit], labels[in_fit], weights
-    )
+    features = dataset_features(arrays, model.use_progress)
+    kernel, bias = fit_feature_logit(features[in_fit], labels[in_fit], weights)
     model.feature_logit.kernel.assign(kernel)
     model.feature_logit.bias.assign(bias)
     last = model.classifier.layers[-1]
@@ -1380,7 +1392,7 @@ def train(
             (
                 {
                     "window": arrays["windows"][mask],
-                    "features": arrays["features"][mask],
+                    "features": features[mask],
                 },
                 labels[mask],
             )
@@ -1448,8 +1460,15 @@ def train(
                 f"freeze at epoch e if linear CKA of the unit's probe "
                 f"outputs to the final model's is >= {meta['cka_threshold']} "
                 "at e and every later epoch"
+                + (
+                    f", and its remaining change 1 - CKA is at most "
+                    f"{meta['remaining_fraction']} of the run's whole change "
+                    "1 - CKA(start)"
+                    if meta.get("remaining_fraction") is not None else ""
+                )
             ),
             "cka_threshold": meta["cka_threshold"],
+            "remaining_fraction": meta.get("remaining_fraction"),
             "windows": {
                 "fit": int(in_fit.sum()),
                 "validation": int(in_validation.sum()),
@@ -1490,7 +1509,7 @@ def evaluate(data_path, weights, freeze_threshold=0.5, verbose=1):
     scores = model.predict(
         {
             "window": arrays["windows"].astype(np.float32),
-            "features": arrays["features"],
+            "features": dataset_features(arrays, model.use_progress),
         },
         batch_size=256,
         verbose=0,
@@ -1677,6 +1696,9 @@ def build_parser():
     p.add_argument("--embedding-units", type=int, default=64)
     p.add_argument("--classifier-units", type=int, default=32)
     p.add_argument("--dropout", type=float, default=0.2)
+    p.add_argument("--use-progress", action="store_true",
+                   help="the predictor also reads training progress, "
+                        "(epoch + 1) / epochs")
     p.add_argument("--false-freeze-cost", type=float,
                    default=DEFAULT_FALSE_FREEZE_COST,
                    help="weight of a wrong freeze against a missed one "
@@ -1729,6 +1751,7 @@ def main(argv=None):
                 "embedding_units": args.embedding_units,
                 "classifier_units": args.classifier_units,
                 "dropout": args.dropout,
+                "use_progress": args.use_progress,
             },
             false_freeze_cost=args.false_freeze_cost,
             seed=args.seed,
