@@ -62,12 +62,11 @@ def main(argv=None):
     arrays, meta = tp.load_dataset(args.dataset)
     holdout = [a for a in args.holdout.split(",") if a]
     labels = arrays["labels"].astype(np.float64)
-    progress = (arrays["epoch"] + 1) / arrays["epochs"]
     train = ~np.isin(arrays["arch"], holdout)
     archs = sorted(set(arrays["arch"].tolist()))
     variants = {
         "5 features (shipped)": arrays["features"],
-        "5 features + progress": np.c_[arrays["features"], progress],
+        "5 features + progress": tp.dataset_features(arrays, True),
     }
     command = "python benchmarks/progress_feature.py DATASET --holdout " + (
         ",".join(holdout)
