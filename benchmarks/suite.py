@@ -797,9 +797,18 @@ def _json_default(value):
 
 
 # ------------------------------------------------------------------ main
+def scenario_size(name, profile, steps_per_epoch=None):
+    """The `Size` of one scenario's runs: SIZES', with `--steps-per-epoch`."""
+    size = SIZES[name][profile]
+    if steps_per_epoch is not None:
+        size = dataclasses.replace(size, steps_per_epoch=steps_per_epoch)
+    return size
+
+
 def run_scenario(name, profile, runs, results, args, progress):
     """Runs one scenario's `runs`, saving the results after each."""
-    scenario, size = SCENARIOS[name], SIZES[name][profile]
+    scenario = SCENARIOS[name]
+    size = scenario_size(name, profile, args.steps_per_epoch)
     log(f"{scenario.title} ({len(runs)} runs)")
     x, y, xt, yt = scenario.load_data(size)
     n_test = min(size.test_size, _length(xt))
@@ -851,7 +860,8 @@ def run_scenario(name, profile, runs, results, args, progress):
             f"{len(row['freeze_epochs'])}/{len(flops.unit_names)} units")
 
 
-def resume_from(previous, results, profile, frozen_batchnorm):
+def resume_from(previous, results, profile, frozen_batchnorm,
+                steps_per_epoch=None):
     """Moves into `results` the runs of `previous` that this suite would make.
 
     Kept: runs of scenarios whose sizes are unchanged, made with the same
@@ -867,7 +877,8 @@ def resume_from(previous, results, profile, frozen_batchnorm):
     same = {
         name: info for name, info in previous.get("scenarios", {}).items()
         if name in SIZES and info.get("size") == json.loads(json.dumps(
-            dataclasses.asdict(SIZES[name][profile])))
+            dataclasses.asdict(scenario_size(name, profile,
+                                             steps_per_epoch))))
     }
     if results["predictor"] is None:  # this call runs no SmartFRZ
         results["predictor"] = previous.get("predictor")
@@ -916,6 +927,10 @@ def parse_args(argv=None):
                         help="an argument of SmartFRZ other than its "
                         "default, e.g. min_epochs=3 or freeze_threshold=0.8 "
                         "(repeatable; the value is read as JSON)")
+    parser.add_argument("--steps-per-epoch", type=int, default=None,
+                        help="steps per epoch for every scenario run "
+                        "(default: each scenario's in SIZES); e.g. 938 for "
+                        "one pass over MNIST's 60000 images at batch 64")
     parser.add_argument("--out", default=None,
                         help="results json (default benchmarks/results/"
                         "suite.json, suite_quick.json with --quick)")
@@ -944,6 +959,9 @@ def parse_args(argv=None):
             parser.error(f"--smartfrz-arg {name}: {value!r} is not JSON")
     if args.seeds is not None and any(s < 0 for s in args.seeds):
         parser.error("--seeds must be non-negative")
+    if args.steps_per_epoch is not None and args.steps_per_epoch < 1:
+        parser.error("--steps-per-epoch must be at least 1, got "
+                     f"{args.steps_per_epoch}")
     return args
 
 
@@ -987,13 +1005,13 @@ def main(argv=None):
     if args.resume and pathlib.Path(args.out).is_file():
         previous = json.loads(pathlib.Path(args.out).read_text())
         message = resume_from(previous, results, profile,
-                              args.frozen_batchnorm)
+                              args.frozen_batchnorm, args.steps_per_epoch)
         log(f"{message} ({args.out})")
     done = {(r["scenario"], r["seed"], r["method"]) for r in results["runs"]}
 
     plan = []
     for name in args.scenarios:
-        size = SIZES[name][profile]
+        size = scenario_size(name, profile, args.steps_per_epoch)
         seeds = tuple(args.seeds) if args.seeds is not None else size.seeds
         for seed_index, seed in enumerate(seeds):
             for method in method_order(seed_index, args.methods):

@@ -23,7 +23,6 @@ it. The shipped predictor is `keras_smartfrz/assets/predictor.weights.h5`
 with `keras_smartfrz/assets/predictor_card.json` (stem `predictor`).
 """
 
-import functools
 import json
 import os
 import pathlib
@@ -468,7 +467,7 @@ class FreezePredictor(keras.Model):
         self.feature_logit.build((None, self.num_features))
         self.built = True
 
-    def _unpack(self, inputs):
+    def _check_inputs(self, inputs):
         if not isinstance(inputs, dict) or set(inputs) != {
             "window", "features"
         }:
@@ -480,9 +479,10 @@ class FreezePredictor(keras.Model):
                    else "")
                 + "."
             )
-        window = keras.ops.cast(inputs["window"], "float32")
-        features = keras.ops.cast(inputs["features"], "float32")
-        width = features.shape[-1]
+        features = inputs["features"]
+        shape = getattr(features, "shape", None)
+        shape = np.shape(features) if shape is None else shape
+        width = shape[-1] if len(shape) else None
         if width is not None and width != self.num_features:
             raise ValueError(
                 f"This FreezePredictor reads {self.num_features} features "
@@ -490,6 +490,11 @@ class FreezePredictor(keras.Model):
                 f"{width}. Pass `progress` to `predictor_inputs` exactly "
                 "when the predictor was built with `use_progress=True`."
             )
+
+    def _unpack(self, inputs):
+        self._check_inputs(inputs)
+        window = keras.ops.cast(inputs["window"], "float32")
+        features = keras.ops.cast(inputs["features"], "float32")
         # Each snapshot's values are sorted: the sampled positions are a
         # random draw whose order means nothing, so the encoders read each
         # snapshot's distribution of displacements (its quantiles), which
@@ -526,6 +531,8 @@ class FreezePredictor(keras.Model):
         return self._attention(window)
 
     def call(self, inputs, training=None):
+        # `_numpy_call` works this same network in NumPy for inference: a
+        # change here needs the same change there.
         window, features = self._unpack(inputs)
         weights = self._attention(window)
         values = self._encode_snapshots(self.value_encoder, window)
@@ -533,6 +540,53 @@ class FreezePredictor(keras.Model):
         joined = keras.ops.concatenate([context, features], axis=-1)
         logit = self.classifier(joined, training=training)
         return keras.ops.sigmoid(logit + self.feature_logit(features))
+
+    def _numpy_call(self, inputs):
+        """`call(inputs, training=False)` worked in NumPy, or `None`.
+
+        The same network, layer by layer, on the current weights: what
+        `PredictorPolicy` runs at each freezing stage. NumPy needs no trace
+        (a traced `tf.function` paid 100-250 ms at its first call on 2 CPU
+        cores) and runs alike on every backend, where an eager Keras call
+        pays Keras' per-layer dispatch every time (measurements in
+        `PredictorPolicy._predict`). Returns `None` when the model
+        is not the network this mirrors (a subclass with its own `call`, or
+        layers other than `Dense` with ReLU or no activation); the caller
+        then calls the model. `tests/test_predictor.py` checks both agree.
+        """
+        if type(self).call is not FreezePredictor.call:
+            return None
+        mlps = (self.query_encoder, self.key_encoder, self.value_encoder,
+                self.classifier)
+        stacks = [_numpy_dense_stack(mlp.layers) for mlp in mlps]
+        wide = _numpy_dense_stack([self.feature_logit])
+        if any(stack is None for stack in stacks) or wide is None:
+            return None
+        query_mlp, key_mlp, value_mlp, classifier = stacks
+        self._check_inputs(inputs)
+        window = np.asarray(inputs["window"], np.float32)
+        features = np.asarray(inputs["features"], np.float32)
+        if not np.all(window[..., 1:] >= window[..., :-1]):
+            window = np.sort(window, axis=-1)
+        window = window / np.float32(self.window_size - 1)
+        batch, steps = window.shape[:2]
+        flat = window.reshape(batch * steps, self.sample_size)
+        query = _numpy_mlp(window[:, -1, :], query_mlp)
+        keys = _numpy_mlp(flat, key_mlp).reshape(batch, steps, -1)
+        values = _numpy_mlp(flat, value_mlp).reshape(batch, steps, -1)
+        scores = np.einsum("be,bte->bt", query, keys) / np.sqrt(
+            np.float32(self.embedding_units)
+        )
+        scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        weights = scores / scores.sum(axis=-1, keepdims=True)
+        context = np.einsum("bt,bte->be", weights, values)
+        joined = np.concatenate([context, features], axis=-1)
+        logit = _numpy_mlp(joined, classifier) + _numpy_mlp(features, wide)
+        # A sigmoid that cannot overflow: exp of a non-positive number.
+        positive = np.exp(-np.abs(logit))
+        return np.where(
+            logit >= 0, 1.0 / (1.0 + positive), positive / (1.0 + positive)
+        ).astype(np.float32)
 
     def get_config(self):
         config = super().get_config()
@@ -753,46 +807,41 @@ def load_predictor(path=None):
     return predictor
 
 
-# ------------------------------------------------------------------ policy
-def _compiled_inference(predictor):
-    """`predictor(inputs, training=False)` as a `tf.function` traced once.
+def _numpy_dense_stack(layers):
+    """`(kernel, bias, relu)` per `Dense` layer of `layers`, or `None`.
 
-    The input signature fixes the window's `(window_size, sample_size)` and
-    the float32 dtype (what `predictor_inputs` returns) and leaves the batch
-    dimension free, so any number of units reuses the one trace. No
-    autograph (the model's call is plain Python over `keras.ops`) and no
-    device placement: the graph runs where TensorFlow places its ops.
-    TensorFlow backend only.
+    `Dropout` is skipped (inference); any other layer, or an activation
+    other than ReLU or none, gives `None`: not a stack `_numpy_mlp` can run.
     """
-    import tensorflow as tf
-
-    signature = [
-        {
-            "window": tf.TensorSpec(
-                (None, predictor.window_size, predictor.sample_size),
-                tf.float32,
-            ),
-            "features": tf.TensorSpec(
-                (None, predictor.num_features), tf.float32
-            ),
-        }
-    ]
-
-    # A partial, not a closure: TensorFlow's frequent-retracing warning
-    # counts the traces of all functions sharing one `__code__`, so every
-    # policy (each traces once) would add to one count and warn from the
-    # fifth; a partial has no `__code__` and is counted on its own.
-    return tf.function(
-        functools.partial(_infer, predictor),
-        input_signature=signature,
-        autograph=False,
-    )
+    stack = []
+    for layer in layers:
+        if isinstance(layer, keras.layers.Dropout):
+            continue
+        if type(layer) is not keras.layers.Dense or not layer.use_bias:
+            return None
+        if layer.activation is keras.activations.relu:
+            relu = True
+        elif layer.activation is keras.activations.linear:
+            relu = False
+        else:
+            return None
+        stack.append((
+            keras.ops.convert_to_numpy(layer.kernel),
+            keras.ops.convert_to_numpy(layer.bias),
+            relu,
+        ))
+    return stack
 
 
-def _infer(predictor, inputs):
-    return predictor(inputs, training=False)
+def _numpy_mlp(x, stack):
+    for kernel, bias, relu in stack:
+        x = x @ kernel + bias
+        if relu:
+            x = np.maximum(x, 0.0)
+    return x
 
 
+# ------------------------------------------------------------------ policy
 @keras.saving.register_keras_serializable(package="keras_smartfrz")
 class PredictorPolicy(policies.FreezePolicy):
     """Freezes the units a `FreezePredictor` scores at or above a threshold.
@@ -908,46 +957,22 @@ class PredictorPolicy(policies.FreezePolicy):
     def _predict(self, inputs):
         """The predictor's probabilities for `inputs`, a NumPy array.
 
-        On the TensorFlow backend the predictor runs as one traced graph
-        (`_compiled_inference`), built at the first decision and kept for
-        the policy's life (every stage and every `fit`): its batch dimension
-        is free, so stages with any number of candidates share one trace.
-        Calling the Keras model eagerly pays Keras' per-layer dispatch on
-        every decision: with the shipped predictor (30 x 1024 windows) on 2
-        CPU cores, 28-31 ms per call whatever the number of units, against
-        3-9.5 ms traced (outputs equal to 6e-8). `decide` end to end went
-        from 59 to 36 ms at 35 units and from 33 to 13 ms at 17 (medians
-        of 20 calls, median over 7 processes; the NumPy `predictor_inputs`
-        is most of what remains at 35 units). The first decision costs
-        about the same either way (240-250 ms at 35 units): tracing takes
-        about what Keras' first eager call takes. Working the float32
-        windows in float32 (`_work_dtype`) later made `predictor_inputs`
-        2.2-2.4x faster (35 units: 15.0 -> 6.7 ms; medians of 20 calls side
-        by side, `benchmarks/predictor_inputs_cost.py`).
-        Other backends call the model eagerly.
+        Worked in NumPy on the predictor's current weights
+        (`FreezePredictor._numpy_call`), so no stage pays a trace and every
+        backend runs the same code. Against the traced `tf.function` it
+        replaced, on the calls of the suite's ViT fit (34 candidate units,
+        then 16 down to 3; `benchmarks/predictor_call_cost.py`, fresh
+        processes, 2 CPU cores): 74 against 187 ms in all, the first call
+        29 against 136 ms (the trace), later calls 6.3 against 8.0 ms, and
+        an eager Keras call 228 ms; scores within 9e-8. A predictor that is
+        not the network `_numpy_call` mirrors is called as a Keras model.
         """
-        if keras.backend.backend() != "tensorflow":
-            return keras.ops.convert_to_numpy(
+        scores = self.predictor._numpy_call(inputs)
+        if scores is None:
+            scores = keras.ops.convert_to_numpy(
                 self.predictor(inputs, training=False)
             )
-        compiled = getattr(self, "_compiled", None)
-        # Keyed by the predictor object: a policy given another predictor
-        # (an attribute assignment) traces that one. New weights assigned
-        # to the same predictor need no new trace: the graph reads its
-        # variables.
-        if compiled is None or compiled[0] is not self.predictor:
-            compiled = (self.predictor, _compiled_inference(self.predictor))
-            self._compiled = compiled
-        return compiled[1](inputs).numpy()
-
-    def __getstate__(self):
-        # Copies and pickles leave the traced function out: neither pickle
-        # nor `copy.deepcopy` can copy a `tf.function` holding traces, and
-        # a copy of it would run the original predictor. The copy traces
-        # its own at its first decision.
-        state = self.__dict__.copy()
-        state.pop("_compiled", None)
-        return state
+        return scores
 
     def get_config(self):
         if self._source is None:

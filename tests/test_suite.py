@@ -309,3 +309,20 @@ def test_smartfrz_args_reach_smartfrz_and_decide_resumption(predictor):
     message = suite.resume_from(_previous_suite(), results, "full",
                                 "batch_statistics")
     assert "1 SmartFRZ runs made with another predictor" in message
+
+
+def test_steps_per_epoch_resizes_every_scenario_and_decides_resumption():
+    args = suite.parse_args(["--steps-per-epoch", "938"])
+    assert args.steps_per_epoch == 938
+    size = suite.scenario_size("vit_scratch", "full", args.steps_per_epoch)
+    assert size.steps_per_epoch == 938
+    assert size.epochs == suite.SIZES["vit_scratch"]["full"].epochs
+    assert suite.scenario_size("vit_scratch", "full") == (
+        suite.SIZES["vit_scratch"]["full"])
+    # Runs made at the default size are not resumed into a resized suite.
+    results = _new_results("P1")
+    message = suite.resume_from(_previous_suite(), results, "full",
+                                "batch_statistics", 938)
+    assert message == "resuming: 0 runs kept" and results["runs"] == []
+    with pytest.raises(SystemExit):
+        suite.parse_args(["--steps-per-epoch", "0"])
