@@ -810,14 +810,19 @@ def load_predictor(path=None):
 def _numpy_dense_stack(layers):
     """`(kernel, bias, relu)` per `Dense` layer of `layers`, or `None`.
 
-    `Dropout` is skipped (inference); any other layer, or an activation
-    other than ReLU or none, gives `None`: not a stack `_numpy_mlp` can run.
+    `Dropout` is skipped (inference); any other layer, a quantized `Dense`,
+    or an activation other than ReLU or none, gives `None`: not a stack
+    `_numpy_mlp` can run.
     """
     stack = []
     for layer in layers:
         if isinstance(layer, keras.layers.Dropout):
             continue
-        if type(layer) is not keras.layers.Dense or not layer.use_bias:
+        if (
+            type(layer) is not keras.layers.Dense
+            or not layer.use_bias
+            or getattr(layer, "quantization_mode", None) is not None
+        ):
             return None
         if layer.activation is keras.activations.relu:
             relu = True

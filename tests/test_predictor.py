@@ -600,13 +600,15 @@ def test_numpy_call_sorts_unsorted_windows_as_the_model_does():
 
 
 def test_policy_calls_a_predictor_it_cannot_mirror():
-    # A subclass with its own `call`, and a layer activation the NumPy
-    # path does not know: both are run as Keras models.
+    # A subclass with its own `call`, a layer activation the NumPy path
+    # does not know, and a quantized layer: all are run as Keras models.
     counting = CountingPredictor(**TINY)
     other = FreezePredictor(**TINY)
     other.classifier.layers[1].activation = keras.activations.tanh
+    quantized = FreezePredictor(**TINY)
+    quantized.key_encoder.layers[0].quantize("int8")
     window = np.random.default_rng(14).normal(size=(3, 4, 8))
-    for predictor in (counting, other):
+    for predictor in (counting, other, quantized):
         assert predictor._numpy_call(
             predictor_inputs(window, [0, 1, 2], 4)
         ) is None
