@@ -550,8 +550,9 @@ class FreezePredictor(keras.Model):
         cores) and runs alike on every backend, where an eager Keras call
         pays Keras' per-layer dispatch every time (measurements in
         `PredictorPolicy._predict`). Returns `None` when the model
-        is not the network this mirrors (a subclass with its own `call`, or
-        layers other than `Dense` with ReLU or no activation); the caller
+        is not the network this mirrors (a subclass with its own `call`, a
+        quantized layer, or layers other than `Dense` with ReLU or no
+        activation); the caller
         then calls the model. `tests/test_predictor.py` checks both agree.
         """
         if type(self).call is not FreezePredictor.call:
