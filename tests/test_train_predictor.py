@@ -420,6 +420,60 @@ def test_label_rule_report(pipeline, tmp_path):
     assert share[(0.95, None)] >= share[(0.99, None)]
 
 
+def test_label_reference_labels_against_the_best_epoch():
+    from conftest import load_script
+
+    reference = load_script("benchmarks", "label_reference")
+    rng = np.random.default_rng(0)
+
+    def gram(x):
+        return cka.centered_gram(x)
+
+    settled = rng.normal(size=(12, 5))
+    grams = np.stack([
+        # Unit 0 reaches the best epoch's representation at epoch 1.
+        [gram(rng.normal(size=(12, 5))), gram(settled), gram(settled),
+         gram(rng.normal(size=(12, 5)))],
+        # Unit 1 differs from it until the best epoch.
+        [gram(rng.normal(size=(12, 5))) for _ in range(2)]
+        + [gram(settled), gram(rng.normal(size=(12, 5)))],
+        # Unit 2 is constant before the best epoch: CKA undefined.
+        [np.zeros((12, 12))] * 2 + [gram(settled)] * 2,
+    ])
+    labels = reference.best_reference_labels(grams, best=2, threshold=0.95)
+    # At and after the best epoch (index 2) every window is "freeze".
+    assert labels.tolist() == [[0, 1, 1, 1], [0, 0, 1, 1], [-1, -1, 1, 1]]
+
+
+def test_label_reference_report(pipeline, tmp_path):
+    from conftest import load_script
+
+    reference = load_script("benchmarks", "label_reference")
+    out = tmp_path / "reference"
+    result = reference.main([
+        "--runs", str(pipeline["root"] / "runs"),
+        "--dataset", str(pipeline["root"] / "data.npz"),
+        "--predictor", str(pipeline["root"] / "predictor"), "--out", str(out),
+    ])
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert [run["run"] for run in saved["runs"]] == ["run-cnn-s0",
+                                                     "run-mlp-s0"]
+    for run in saved["runs"]:
+        assert 1 <= run["best_epoch"] <= run["epochs"] == 3
+    assert saved["archs"]["cnn"]["held_out"] is True
+    assert saved["archs"]["mlp"]["held_out"] is False
+    # The final-model reference is the dataset's own labels: the same
+    # metrics `evaluate` wrote into the card.
+    card = json.loads(
+        (pipeline["root"] / "predictor" / "predictor_card.json").read_text()
+    )
+    for key in ("windows", "freeze_share", "predicted_share"):
+        assert saved["archs"]["cnn"]["final"][key] == pytest.approx(
+            card["metrics"]["per_arch"]["cnn"][key])
+    assert "| cnn | yes | 6 |" in out.with_suffix(".md").read_text()
+    assert result["archs"].keys() == saved["archs"].keys()
+
+
 def test_predictor_variants_report(pipeline, tmp_path):
     from conftest import load_script
 
