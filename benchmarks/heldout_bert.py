@@ -1,0 +1,184 @@
+"""SmartFRZ end to end on the zoo's BERT, with a predictor that never saw it.
+
+The predictor's held-out precision on BERT from scratch is low against its
+CKA labels (`label_reference.md`). This asks what those freezes cost: per
+recipe and seed, the zoo's BERT (`tools/train_predictor.py`, `bert`:
+Adam 3e-4 constant; `bert_decay`: AdamW, warm-up, cosine decay) is trained
+on Rotten Tomatoes twice in one process, from the same initial weights and
+in the same data order: without freezing, then with `SmartFRZ(predictor=
+PATH)`. Reported: test accuracy at the end and at the best epoch, units
+frozen and when, and the epochs' wall time of each run, side by side.
+
+Usage (from the repository root; `PATH` a predictor trained with BERT held
+out, e.g. `train_predictor.py train --holdout resnet,bert,bert_decay,...`):
+
+    python benchmarks/heldout_bert.py --predictor PATH
+    python benchmarks/heldout_bert.py --recipes bert --seeds 0 --epochs 2 \\
+        --train-size 512 --out /tmp/smoke          # smoke run
+
+Writes `benchmarks/results/heldout_bert.json` and `.md` (or `--out`).
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT))
+import train_predictor as tp  # noqa: E402
+import keras_smartfrz  # noqa: E402
+
+RECIPES = ("bert", "bert_decay")
+
+
+class EpochClock(keras.callbacks.Callback):
+    """Wall time of each epoch, from its first step to its end."""
+
+    def on_train_begin(self, logs=None):
+        self.seconds = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def run_pair(recipe, seed, predictor, epochs=None, train_size=None):
+    """Full training, then SmartFRZ, of one recipe and seed."""
+    spec = tp.ARCHITECTURES[recipe]
+    data = tp.DATASETS[spec.dataset]()
+    epochs = epochs or spec.epochs
+    batch_size = spec.batch_size
+    num_train = tp._length(data.x_train)
+    train_index = np.random.default_rng(seed).permutation(num_train)[
+        : train_size or num_train]
+    steps_per_epoch = -(-len(train_index) // batch_size)
+    x_train = tp._take(data.x_train, train_index)
+    y_train = data.y_train[train_index]
+    test = tp._batches(data.x_test, data.y_test, batch_size)
+    keras.utils.set_random_seed(seed)
+    initial = spec.build(data, steps_per_epoch, epochs).get_weights()
+    result = {"recipe": recipe, "seed": seed, "epochs": epochs,
+              "train_size": int(len(train_index)),
+              "steps_per_epoch": steps_per_epoch}
+    for method in ("full", "smartfrz"):
+        keras.utils.set_random_seed(seed)
+        model = spec.build(data, steps_per_epoch, epochs)
+        model.set_weights(initial)
+        clock = EpochClock()
+        callbacks = [clock]
+        freezer = None
+        if method == "smartfrz":
+            freezer = keras_smartfrz.SmartFRZ(predictor=predictor)
+            callbacks.insert(0, freezer)
+        history = model.fit(
+            tp._batches(x_train, y_train, batch_size, shuffle_seed=seed),
+            epochs=epochs, validation_data=test, callbacks=callbacks,
+            shuffle=False, verbose=0,
+        )
+        accuracy = history.history["val_accuracy"]
+        row = {
+            "test_accuracy": float(accuracy[-1]),
+            "test_accuracy_by_epoch": [float(a) for a in accuracy],
+            "train_accuracy": float(history.history["accuracy"][-1]),
+            "epoch_seconds": clock.seconds,
+        }
+        if freezer is not None:
+            row["frozen_units"] = len(freezer.frozen_units)
+            row["units"] = len(freezer.units)
+            row["freeze_epochs"] = sorted(
+                {d.epoch + 1 for d in freezer.decisions if d.frozen})
+            row["overhead_seconds"] = dict(freezer.overhead_seconds)
+        result[method] = row
+        print(f"{recipe} seed {seed} {method}: test accuracy "
+              f"{row['test_accuracy']:.4f}, {sum(clock.seconds):.0f} s",
+              flush=True)
+    full, frz = result["full"], result["smartfrz"]
+    result["accuracy_delta_points"] = 100 * (
+        frz["test_accuracy"] - full["test_accuracy"])
+    result["time_saved"] = 1 - sum(frz["epoch_seconds"]) / sum(
+        full["epoch_seconds"])
+    return result
+
+
+def to_markdown(results, command):
+    lines = [
+        "# SmartFRZ on the zoo's BERT with a predictor that never saw it",
+        "",
+        f"Command: `{command}`",
+        "",
+        "Test accuracy on Rotten Tomatoes' test split; *best* is the best "
+        "epoch's (what early stopping would keep). Time saved is over the "
+        "epochs' wall time of the two runs, side by side in one process.",
+        "",
+        "| recipe | seed | full: final / best | SmartFRZ: final / best "
+        "| diff (points) | frozen units | freeze epochs | time saved |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        full, frz = r["full"], r["smartfrz"]
+        lines.append(
+            f"| {r['recipe']} | {r['seed']} | {full['test_accuracy']:.4f} / "
+            f"{max(full['test_accuracy_by_epoch']):.4f} | "
+            f"{frz['test_accuracy']:.4f} / "
+            f"{max(frz['test_accuracy_by_epoch']):.4f} | "
+            f"{r['accuracy_delta_points']:+.2f} | "
+            f"{frz['frozen_units']}/{frz['units']} | "
+            f"{', '.join(map(str, frz['freeze_epochs'])) or '-'} | "
+            f"{100 * r['time_saved']:.1f}% |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--predictor", default=None,
+                        help="predictor directory or weights file "
+                             "(default: the shipped one, which saw `bert`)")
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES),
+                        choices=RECIPES)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="default: the recipe's (8)")
+    parser.add_argument("--train-size", type=int, default=None,
+                        help="training examples (default: the whole split)")
+    parser.add_argument("--out", default=str(
+        ROOT / "benchmarks" / "results" / "heldout_bert"),
+        help="output path without extension (.md and .json are written)")
+    args = parser.parse_args(argv)
+    for name in ("epochs", "train_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1; "
+                         f"received {value}.")
+    command = "python benchmarks/heldout_bert.py " + " ".join(
+        sys.argv[1:] if argv is None else argv)
+    results = [
+        run_pair(recipe, seed, args.predictor, args.epochs, args.train_size)
+        for recipe in args.recipes for seed in args.seeds
+    ]
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"command": command, "predictor": args.predictor,
+               "results": results}
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
+    out.with_suffix(".md").write_text(to_markdown(results, command))
+    return payload
+
+
+if __name__ == "__main__":
+    main()
