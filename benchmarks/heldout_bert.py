@@ -120,7 +120,9 @@ def to_markdown(results, command):
         "",
         "Test accuracy on Rotten Tomatoes' test split; *best* is the best "
         "epoch's (what early stopping would keep). Time saved is over the "
-        "epochs' wall time of the two runs, side by side in one process.",
+        "epochs' wall time of the two runs (each epoch's evaluation on the "
+        "test split included, the same in both), side by side in one "
+        "process.",
         "",
         "| recipe | seed | full: final / best | SmartFRZ: final / best "
         "| diff (points) | frozen units | freeze epochs | time saved |",
