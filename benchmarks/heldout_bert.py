@@ -24,7 +24,6 @@ import json
 import os
 import pathlib
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -34,24 +33,13 @@ import numpy as np  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
+import suite  # noqa: E402
 import train_predictor as tp  # noqa: E402
 import keras_smartfrz  # noqa: E402
 
 RECIPES = ("bert", "bert_decay")
-
-
-class EpochClock(keras.callbacks.Callback):
-    """Wall time of each epoch, from its first step to its end."""
-
-    def on_train_begin(self, logs=None):
-        self.seconds = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.seconds.append(time.perf_counter() - self._start)
 
 
 def run_pair(recipe, seed, predictor, epochs=None, train_size=None):
@@ -76,7 +64,9 @@ def run_pair(recipe, seed, predictor, epochs=None, train_size=None):
         keras.utils.set_random_seed(seed)
         model = spec.build(data, steps_per_epoch, epochs)
         model.set_weights(initial)
-        clock = EpochClock()
+        # The suite's epoch clock (and progress line): wall time of each
+        # epoch, its evaluation included.
+        clock = suite.EpochLog(f"{recipe} seed {seed} {method}")
         callbacks = [clock]
         freezer = None
         if method == "smartfrz":
