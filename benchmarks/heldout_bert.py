@@ -42,58 +42,78 @@ import keras_smartfrz  # noqa: E402
 RECIPES = ("bert", "bert_decay")
 
 
-def run_pair(recipe, seed, predictor, epochs=None, train_size=None):
-    """Full training, then SmartFRZ, of one recipe and seed."""
+def prepare(recipe, seed, epochs=None, train_size=None):
+    """One recipe and seed's data, model builder and initial weights.
+
+    Every run made from it starts from the same weights and reads the same
+    batches in the same order (the seed's training subset, shuffled each
+    epoch from the seed).
+    """
     spec = tp.ARCHITECTURES[recipe]
     data = tp.DATASETS[spec.dataset]()
     epochs = epochs or spec.epochs
-    batch_size = spec.batch_size
     num_train = tp._length(data.x_train)
     train_index = np.random.default_rng(seed).permutation(num_train)[
         : train_size or num_train]
-    steps_per_epoch = -(-len(train_index) // batch_size)
-    x_train = tp._take(data.x_train, train_index)
-    y_train = data.y_train[train_index]
-    test = tp._batches(data.x_test, data.y_test, batch_size)
+    steps_per_epoch = -(-len(train_index) // spec.batch_size)
     keras.utils.set_random_seed(seed)
     initial = spec.build(data, steps_per_epoch, epochs).get_weights()
-    result = {"recipe": recipe, "seed": seed, "epochs": epochs,
-              "train_size": int(len(train_index)),
-              "steps_per_epoch": steps_per_epoch}
-    for method in ("full", "smartfrz"):
-        keras.utils.set_random_seed(seed)
-        model = spec.build(data, steps_per_epoch, epochs)
-        model.set_weights(initial)
-        # The suite's epoch clock (and progress line): wall time of each
-        # epoch, its evaluation included.
-        clock = suite.EpochLog(f"{recipe} seed {seed} {method}")
-        callbacks = [clock]
-        freezer = None
-        if method == "smartfrz":
-            freezer = keras_smartfrz.SmartFRZ(predictor=predictor)
-            callbacks.insert(0, freezer)
-        history = model.fit(
-            tp._batches(x_train, y_train, batch_size, shuffle_seed=seed),
-            epochs=epochs, validation_data=test, callbacks=callbacks,
-            shuffle=False, verbose=0,
-        )
-        accuracy = history.history["val_accuracy"]
-        row = {
-            "test_accuracy": float(accuracy[-1]),
-            "test_accuracy_by_epoch": [float(a) for a in accuracy],
-            "train_accuracy": float(history.history["accuracy"][-1]),
-            "epoch_seconds": clock.seconds,
-        }
-        if freezer is not None:
-            row["frozen_units"] = len(freezer.frozen_units)
-            row["units"] = len(freezer.units)
-            row["freeze_epochs"] = sorted(
-                {d.epoch + 1 for d in freezer.decisions if d.frozen})
-            row["overhead_seconds"] = dict(freezer.overhead_seconds)
-        result[method] = row
-        print(f"{recipe} seed {seed} {method}: test accuracy "
-              f"{row['test_accuracy']:.4f}, {sum(clock.seconds):.0f} s",
-              flush=True)
+    return {
+        "recipe": recipe, "seed": seed, "epochs": epochs, "spec": spec,
+        "data": data, "train_index": train_index,
+        "steps_per_epoch": steps_per_epoch, "initial": initial,
+    }
+
+
+def train(prepared, label, freezer=None):
+    """Trains one model of `prepared` (with `freezer` among the callbacks,
+    if given) and returns its row: test accuracy each epoch, the epochs'
+    wall time, and what the freezer froze."""
+    spec, data = prepared["spec"], prepared["data"]
+    index, seed = prepared["train_index"], prepared["seed"]
+    batch_size = spec.batch_size
+    keras.utils.set_random_seed(seed)
+    model = spec.build(data, prepared["steps_per_epoch"], prepared["epochs"])
+    model.set_weights(prepared["initial"])
+    # The suite's epoch clock (and progress line): wall time of each epoch,
+    # its evaluation included.
+    clock = suite.EpochLog(f"{prepared['recipe']} seed {seed} {label}")
+    callbacks = [clock] if freezer is None else [freezer, clock]
+    history = model.fit(
+        tp._batches(tp._take(data.x_train, index), data.y_train[index],
+                    batch_size, shuffle_seed=seed),
+        epochs=prepared["epochs"],
+        validation_data=tp._batches(data.x_test, data.y_test, batch_size),
+        callbacks=callbacks, shuffle=False, verbose=0,
+    )
+    accuracy = history.history["val_accuracy"]
+    row = {
+        "test_accuracy": float(accuracy[-1]),
+        "test_accuracy_by_epoch": [float(a) for a in accuracy],
+        "train_accuracy": float(history.history["accuracy"][-1]),
+        "epoch_seconds": clock.seconds,
+    }
+    if freezer is not None:
+        row["frozen_units"] = len(freezer.frozen_units)
+        row["units"] = len(freezer.units)
+        row["freeze_epochs"] = sorted(
+            {d.epoch + 1 for d in freezer.decisions if d.frozen})
+        row["overhead_seconds"] = dict(freezer.overhead_seconds)
+    print(f"{prepared['recipe']} seed {seed} {label}: test accuracy "
+          f"{row['test_accuracy']:.4f}, {sum(clock.seconds):.0f} s",
+          flush=True)
+    return row
+
+
+def run_pair(recipe, seed, predictor, epochs=None, train_size=None):
+    """Full training, then SmartFRZ, of one recipe and seed."""
+    prepared = prepare(recipe, seed, epochs, train_size)
+    result = {"recipe": recipe, "seed": seed, "epochs": prepared["epochs"],
+              "train_size": int(len(prepared["train_index"])),
+              "steps_per_epoch": prepared["steps_per_epoch"]}
+    result["full"] = train(prepared, "full")
+    result["smartfrz"] = train(
+        prepared, "smartfrz", keras_smartfrz.SmartFRZ(predictor=predictor))
     full, frz = result["full"], result["smartfrz"]
     result["accuracy_delta_points"] = 100 * (
         frz["test_accuracy"] - full["test_accuracy"])
@@ -133,6 +153,30 @@ def to_markdown(results, command):
     return "\n".join(lines) + "\n"
 
 
+def add_run_arguments(parser, recipes, out_name):
+    """The flags naming the runs (recipes, seeds, epochs, training size)
+    and the output path, shared with `freeze_cost.py`."""
+    parser.add_argument("--recipes", nargs="+", default=recipes,
+                        choices=RECIPES)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="default: the recipe's (8)")
+    parser.add_argument("--train-size", type=int, default=None,
+                        help="training examples (default: the whole split)")
+    parser.add_argument("--out", default=str(
+        ROOT / "benchmarks" / "results" / out_name),
+        help="output path without extension (.md and .json are written)")
+
+
+def check_run_arguments(parser, args):
+    """Rejects a non-positive `--epochs` or `--train-size`, naming it."""
+    for name in ("epochs", "train_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1; "
+                         f"received {value}.")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -141,22 +185,9 @@ def main(argv=None):
     parser.add_argument("--predictor", default=None,
                         help="predictor directory or weights file "
                              "(default: the shipped one, which saw `bert`)")
-    parser.add_argument("--recipes", nargs="+", default=list(RECIPES),
-                        choices=RECIPES)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="default: the recipe's (8)")
-    parser.add_argument("--train-size", type=int, default=None,
-                        help="training examples (default: the whole split)")
-    parser.add_argument("--out", default=str(
-        ROOT / "benchmarks" / "results" / "heldout_bert"),
-        help="output path without extension (.md and .json are written)")
+    add_run_arguments(parser, list(RECIPES), "heldout_bert")
     args = parser.parse_args(argv)
-    for name in ("epochs", "train_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1; "
-                         f"received {value}.")
+    check_run_arguments(parser, args)
     command = "python benchmarks/heldout_bert.py " + " ".join(
         sys.argv[1:] if argv is None else argv)
     results = [
